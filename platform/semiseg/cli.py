@@ -1,0 +1,107 @@
+"""The `semiseg` command: thin calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from semiseg.errors import SemisegError
+
+EXAMPLES = """examples:
+  semiseg sweep experiments/quickstart.yaml
+  semiseg sweep experiments/quickstart.yaml train.epochs=2 sweep.seeds=[0,1]
+  semiseg train experiments/quickstart.yaml data.label_fraction=0.25
+  semiseg report semiseg
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semiseg", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "train one config as one tracked Ray Train run"),
+                            ("sweep", "run the config's sweep grid as Ray Tune trials")):
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+        s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+        if name == "sweep":
+            s.add_argument("--name", default="", help="name of the sweep's parent MLflow run")
+    sub.add_parser("methods", help="list the registered methods")
+    sub.add_parser("datasets", help="list the registered datasets")
+    r = sub.add_parser("report", help="table of test Dice by method x label fraction")
+    r.add_argument("experiment", nargs="?", default="semiseg", help="MLflow experiment name")
+    r.add_argument("--uri", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    r.add_argument("--parent", default=None, help="only the trials of this sweep run id")
+    return p
+
+
+def _first_line(obj: object) -> str:
+    return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+
+
+def cmd_list(kind: str) -> None:
+    if kind == "methods":
+        from semiseg.methods import METHODS as registry
+    else:
+        from semiseg.data import DATASETS as registry
+    for name in registry.names():
+        print(f"{name:20s} {_first_line(registry.get(name))}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from semiseg import tracking
+    from semiseg.config import load_config
+    from semiseg.distributed.cluster import connect, storage_path
+    from semiseg.distributed.progress import TrainProgress
+    from semiseg.distributed.train import run_tracked_trial
+
+    cfg = load_config(args.config, args.overrides)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    cfg.ray.storage_path = storage_path(cfg.ray.storage_path)
+    connect(cfg.ray.address)
+    exp = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    run_id = run_tracked_trial(cfg, uri, exp, None, callbacks=[TrainProgress(cfg.train.epochs)])
+    metrics = tracking.search_runs(uri, cfg.tracking.experiment).set_index("run_id").loc[run_id]
+    print(f"run {run_id}: test dice_mean {metrics.get('metrics.test/dice_mean', float('nan')):.4f}")
+    print(f"tracking: {uri}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from semiseg.config import load_config
+    from semiseg.distributed.tune import run_sweep
+    from semiseg.report import dice_table, finished_trials, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    name = args.name or f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    start = time.time()
+    uri, parent = run_sweep(cfg, name)
+    print(format_table(dice_table(finished_trials(uri, cfg.tracking.experiment, parent))))
+    print(f"sweep {name} (MLflow run {parent}) took {time.time() - start:.0f} s; "
+          f"tracking: {uri}\nbrowse: mlflow ui --backend-store-uri {uri}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from semiseg import tracking
+    from semiseg.report import dice_table, finished_trials, format_table
+
+    uri = tracking.resolve_uri(args.uri)
+    print(format_table(dice_table(finished_trials(uri, args.experiment, args.parent))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in ("methods", "datasets"):
+            cmd_list(args.command)
+        else:
+            {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
+    except SemisegError as exc:
+        print(f"semiseg: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The config schema. Dataclasses are the schema, YAML files are instances, and dotted
+`key=value` overrides on the command line patch them. The resolved config is a run's identity.
+
+Each field's docstring (the string literal under it) is its documentation; `semiseg` errors
+name the dotted key at fault and, where the choices are fixed, list them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from semiseg.config_schema import build, coerce_override, flatten
+from semiseg.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Dataset name; `semiseg datasets` lists the choices."""
+    root: str = ""
+    """Folder of a `folder` or `nifti` dataset (resolved to an absolute path)."""
+    image_size: int = 64
+    """Images and masks are resized to image_size x image_size pixels."""
+    num_images: int = 240
+    """Number of phantoms the `synthetic` dataset generates (other datasets ignore it)."""
+    label_fraction: float = 0.05
+    """Fraction of the training images whose masks a method may use, in (0, 1]."""
+    val_fraction: float = 0.15
+    """Fraction of groups (patients, volumes, slice blocks) held out for model selection."""
+    test_fraction: float = 0.2
+    """Fraction of groups held out for the final test metrics."""
+    split_seed: int = 0
+    """Seed of the train/val/test split, fixed across seeds so every run shares one test set."""
+    batch_size: int = 8
+    """Labeled images per step (the unlabeled batch has the same size)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(
+                f"data.label_fraction={self.label_fraction}: expected a value in (0, 1]"
+            )
+        for key in ("image_size", "num_images", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)}: expected a positive integer")
+        for key in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, key) < 0.5:
+                raise ConfigError(f"data.{key}={getattr(self, key)}: expected a value in (0, 0.5)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"
+    """Model name from `semiseg.models` (a U-Net that exposes decoder features)."""
+    base_channels: int = 16
+    """Channels of the first U-Net stage; each deeper stage doubles them."""
+    depth: int = 3
+    """Number of down-sampling stages."""
+
+    def __post_init__(self) -> None:
+        for key in ("base_channels", "depth"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)}: expected a positive integer")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "supervised"
+    """Method name; `semiseg methods` lists the choices."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Hyperparameters of the method, checked against its own Config dataclass."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    """Training epochs; the model is selected on val Dice after each one."""
+    steps_per_epoch: int = 40
+    """Optimizer steps per epoch, the same at every label fraction so budgets are comparable."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer."""
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    """Learning-rate schedule over all steps."""
+    amp: bool = True
+    """Mixed precision (bf16 autocast); used only on a GPU."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip; 0 turns it off."""
+    seed: int = 0
+    """Seed of the labeled subset, the initial weights and the augmentations."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device when run outside Ray; inside Ray Train the worker's device is used."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "steps_per_epoch"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: expected a positive integer")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr}: expected a positive number")
+
+
+@dataclass
+class RayConfig:
+    address: str = "local"
+    """'local' starts Ray in-process; 'auto' or 'ray://host:10001' joins a cluster."""
+    num_workers: int = 1
+    """Ray Train workers per trial (DDP across them)."""
+    use_gpu: bool = False
+    """Give each Train worker a GPU share (gpus_per_worker)."""
+    gpus_per_worker: float = 1.0
+    """GPUs per Train worker; fractions such as 0.25 pack several trials onto one GPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs per Train worker (also its torch thread count)."""
+    max_concurrent_trials: int = 2
+    """Trials that run at once."""
+    storage_path: str = "ray_results"
+    """Where Ray keeps checkpoints; shared storage (s3://, NFS) on a multi-node cluster."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers <= 0 or self.max_concurrent_trials <= 0:
+            raise ConfigError("ray.num_workers and ray.max_concurrent_trials must be positive")
+        if self.gpus_per_worker <= 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("ray.gpus_per_worker and ray.cpus_per_worker must be positive")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else sqlite under ./mlruns."""
+    experiment: str = "semiseg"
+    """MLflow experiment name."""
+    overlays: int = 4
+    """Test images whose prediction overlays are logged as PNG."""
+
+
+@dataclass
+class SweepConfig:
+    methods: list[str] = field(default_factory=lambda: ["supervised"])
+    """Methods to compare."""
+    label_fractions: list[float] = field(default_factory=lambda: [0.05, 0.25, 1.0])
+    """Label fractions to sweep."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds to repeat each setting with."""
+    params: dict[str, list[Any]] = field(default_factory=dict)
+    """Method hyperparameter grids as 'method.param': [values], e.g. 'pseudo_label.threshold'."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """The dataset and its split."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """The training method and its hyperparameters."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Where and how trials run."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Where runs are recorded."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The grid `semiseg sweep` runs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines a trained model: not where it ran nor where it was logged."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("data", "model", "method", "train")}
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a Config from plain data (a parsed YAML file, a Ray trial config)."""
+    cfg = build(Config, data, prefix="", source=source)
+    _check_names(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        file = Path(path)
+        source = str(file)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file.resolve()}")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        coerce_override(data, item)
+    return from_dict(data, source=source)
+
+
+def _check_names(cfg: Config) -> None:
+    # Imported here: the registries import torch code, which the schema itself does not need.
+    from semiseg.data import DATASETS
+    from semiseg.methods import METHODS, check_method_params
+
+    DATASETS.get(cfg.data.name)
+    for name in [cfg.method.name, *cfg.sweep.methods]:
+        METHODS.get(name)
+    check_method_params(cfg.method.name, cfg.method.params)
+    for key in cfg.sweep.params:
+        method, _, param = key.partition(".")
+        if method not in cfg.sweep.methods or not param:
+            raise ConfigError(
+                f"sweep.params key {key!r}: expected 'method.param' with method in "
+                f"sweep.methods ({', '.join(cfg.sweep.methods)})"
+            )
+        check_method_params(method, {param: None}, check_values=False)
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())

@@ -1,0 +1,109 @@
+"""Typed construction of nested dataclasses from plain data, with errors that name the key.
+
+Kept apart from config.py so the schema (what the fields are) and the machinery (how plain
+YAML becomes typed dataclasses) can each be read in one look.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from semiseg.errors import ConfigError
+
+
+def build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    """Instantiate dataclass `cls` from `data`, checking every key and value type."""
+    where = prefix.rstrip(".") or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix + str(unknown[0])!r}; valid keys: "
+            + ", ".join(prefix + n for n in names)
+        )
+    kwargs = {k: coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against type `hint`; ints are accepted where floats are expected."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key + ".", source)
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{source}: {key}={value!r} is not a valid choice; choose one of: "
+                + ", ".join(map(str, choices))
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
+        (item,) = get_args(hint)
+        return [coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a mapping")
+        _, item = get_args(hint)
+        return {str(k): coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
+    return _scalar(value, hint, key, source)
+
+
+def _scalar(value: Any, hint: Any, key: str, source: str) -> Any:
+    if hint is Any:
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint)
+    if ok is None:
+        raise TypeError(f"config field {key} has an unsupported type {hint}")
+    if not ok:
+        raise ConfigError(f"{source}: {key}={value!r}: expected {hint.__name__}")
+    return float(value) if hint is float else value
+
+
+def coerce_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override to nested plain data; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and empty mappings stay as values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat

@@ -1,0 +1,161 @@
+"""The format users bring: a folder of PNG images, PNG label masks and a class map.
+
+    root/
+      dataset.yaml      classes: [background, liver, ...]   (index = mask value)
+                        group_pattern: '^(patient\\d+)_'     (optional; first regex group of a
+                                                             file stem is its patient id)
+      images/<stem>.png grayscale, 8 or 16 bit (colour is converted to grayscale)
+      masks/<stem>.png  single-channel integer labels (mode L, P, I or I;16), same size as image
+
+Non-square images are padded to a square (background) before the resize, keeping their aspect.
+
+Every problem is a DatasetError that names the file at fault and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from semiseg.config import DataConfig
+from semiseg.data.base import DATASETS, SegData, normalise
+from semiseg.data.resize import pad_square, resize_pair
+from semiseg.errors import DatasetError
+
+_INT_MASK_MODES = {"1", "L", "P", "I", "I;16", "I;16L", "I;16B"}
+_RAW_IMAGE_MODES = {"I", "I;16", "I;16L", "I;16B", "F"}  # kept at full depth, not cut to 8 bit
+
+
+def read_spec(spec_file: Path) -> tuple[list[str], re.Pattern[str] | None]:
+    """(classes, compiled group_pattern or None) from a dataset.yaml; also used by `nifti`."""
+    if not spec_file.is_file():
+        raise DatasetError(f"missing {spec_file}: expected a YAML file with 'classes: [...]'")
+    try:
+        spec: Any = yaml.safe_load(spec_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{spec_file}: not valid YAML: {exc}") from None
+    if not isinstance(spec, dict) or "classes" not in spec:
+        raise DatasetError(f"{spec_file}: missing 'classes' (expected e.g. classes: [background, liver])")
+    classes = spec["classes"]
+    if (not isinstance(classes, list) or len(classes) < 2
+            or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes)):
+        raise DatasetError(
+            f"{spec_file}: 'classes' must be a list of at least 2 unique names, background first "
+            f"(got {classes!r})"
+        )
+    pattern = spec.get("group_pattern")
+    if pattern is None:
+        return classes, None
+    try:
+        compiled = re.compile(str(pattern))
+    except re.error as exc:
+        raise DatasetError(f"{spec_file}: group_pattern {pattern!r} is not a valid regex: {exc}") from None
+    if compiled.groups < 1:
+        raise DatasetError(f"{spec_file}: group_pattern {pattern!r} needs a (group) for the patient id")
+    return classes, compiled
+
+
+def _list_pngs(folder: Path) -> dict[str, Path]:
+    """stem -> file for the PNGs of `folder`; refuses duplicate stems and non-PNG files."""
+    by_stem: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue  # .DS_Store and the like
+        by_stem.setdefault(f.stem, []).append(f)
+    for stem, files in by_stem.items():
+        if len(files) > 1:
+            raise DatasetError(
+                f"{folder}: duplicate stem {stem!r} ({', '.join(f.name for f in files)}); "
+                "expected one file per stem"
+            )
+        if files[0].suffix.lower() != ".png":
+            raise DatasetError(f"{files[0]}: not a PNG file; expected only .png files in {folder}")
+    return {stem: files[0] for stem, files in by_stem.items()}
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad files
+        raise DatasetError(f"{path}: cannot read the PNG ({exc}); is the file corrupt?") from None
+    return img
+
+
+def _read_image(path: Path) -> np.ndarray:
+    img = _open(path)
+    if img.mode not in _RAW_IMAGE_MODES:
+        img = img.convert("L")
+    return np.asarray(img).astype(np.float32)
+
+
+def _read_mask(path: Path, image_size: tuple[int, ...], image_path: Path, classes: list[str]) -> np.ndarray:
+    img = _open(path)
+    if img.mode not in _INT_MASK_MODES:
+        raise DatasetError(
+            f"{path}: mask has mode {img.mode}; expected a single-channel integer PNG "
+            f"(mode L, P, I or I;16) whose values index the classes"
+        )
+    mask = np.asarray(img).astype(np.int64)
+    if mask.shape != image_size:
+        raise DatasetError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} "
+            f"is {image_size[1]}x{image_size[0]}"
+        )
+    bad = np.unique(mask[(mask < 0) | (mask >= len(classes))])
+    if bad.size:
+        raise DatasetError(
+            f"{path}: mask values {bad.tolist()[:10]} are outside the class map "
+            f"0..{len(classes) - 1} ({', '.join(classes)})"
+        )
+    return mask
+
+
+@DATASETS.register("folder")
+def build(cfg: DataConfig) -> SegData:
+    """Load cfg.root (see the module docstring), resized to cfg.image_size."""
+    if not cfg.root:
+        raise DatasetError("data.root is empty: the folder dataset needs a folder with images/, masks/ and dataset.yaml")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DatasetError(f"data.root {root} is not a directory (expected images/, masks/, dataset.yaml)")
+    for sub in ("images", "masks"):
+        if not (root / sub).is_dir():
+            raise DatasetError(f"missing folder {root / sub} (expected PNG files named <stem>.png)")
+    classes, pattern = read_spec(root / "dataset.yaml")
+    images, masks = _list_pngs(root / "images"), _list_pngs(root / "masks")
+    if not images:
+        raise DatasetError(f"no images in {root / 'images'} (expected <stem>.png files)")
+    for a, b, where in ((images, masks, "masks"), (masks, images, "images")):
+        missing = sorted(set(a) - set(b))
+        if missing:
+            kind = "image" if where == "masks" else "mask"
+            raise DatasetError(
+                f"{kind} {a[missing[0]]} has no matching file {root / where / (missing[0] + '.png')}"
+                f" ({len(missing)} unpaired stem(s): {', '.join(missing[:5])})"
+            )
+    out_images, out_masks, groups = [], [], []
+    for stem in sorted(images):
+        image = _read_image(images[stem])
+        mask = _read_mask(masks[stem], image.shape, images[stem], classes)
+        image = pad_square(image, float(image.min()))
+        image, mask = resize_pair(image, pad_square(mask, 0), cfg.image_size)
+        out_images.append(normalise(image))
+        out_masks.append(mask)
+        if pattern is None:
+            groups.append(stem)
+            continue
+        match = pattern.search(stem)
+        if match is None or not match.group(1):
+            raise DatasetError(
+                f"{images[stem]}: group_pattern {pattern.pattern!r} in {root / 'dataset.yaml'} "
+                "does not match its stem (expected its first group to give the patient id)"
+            )
+        groups.append(match.group(1))
+    ids = sorted(images)
+    return SegData(np.stack(out_images), np.stack(out_masks), groups, ids, classes, "folder")

@@ -1,0 +1,109 @@
+"""NIfTI volumes in the ACDC layout, cut into 2D slices along the last axis.
+
+    root/
+      dataset.yaml                      optional: classes: [...]  (default: the ACDC classes)
+      patient001/
+        patient001_frame01.nii.gz       an image volume
+        patient001_frame01_gt.nii.gz    its label volume (same shape)
+        patient001_4d.nii.gz, Info.cfg  ignored
+
+Each patient is one group, so a split never puts slices of one patient on both sides.
+Non-square slices are padded to a square (background) before the resize, keeping their aspect.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from semiseg.config import DataConfig
+from semiseg.data.base import DATASETS, SegData, normalise
+from semiseg.data.folder import read_spec
+from semiseg.data.resize import pad_square, resize_pair
+from semiseg.errors import DatasetError
+
+ACDC_CLASSES = ["background", "right_ventricle", "myocardium", "left_ventricle"]
+_FRAME = re.compile(r"^(?P<patient>.+)_frame(?P<frame>\d+)\.nii(\.gz)?$")
+
+
+def _read_volume(path: Path) -> np.ndarray:
+    """The volume as a 3D float array; any nibabel / gzip failure names the file."""
+    try:
+        data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    except Exception as exc:  # truncated gzip -> EOFError, zlib.error, nibabel errors, ...
+        raise DatasetError(f"{path}: cannot read the NIfTI volume ({type(exc).__name__}: {exc}); "
+                           "is the file truncated or corrupt?") from None
+    while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is still a 3D volume
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DatasetError(f"{path}: volume has shape {data.shape}; expected a 3D volume (X, Y, Z)")
+    return data
+
+
+def _read_labels(path: Path, shape: tuple[int, ...], image_path: Path, classes: list[str]) -> np.ndarray:
+    labels = _read_volume(path)
+    if labels.shape != shape:
+        raise DatasetError(f"{path}: label shape {labels.shape} differs from image {image_path} shape {shape}")
+    rounded = np.rint(labels)
+    if not np.array_equal(rounded, labels):
+        raise DatasetError(f"{path}: label volume has non-integer values; expected class indices")
+    bad = np.unique(rounded[(rounded < 0) | (rounded >= len(classes))])
+    if bad.size:
+        raise DatasetError(
+            f"{path}: label values {bad.astype(np.int64).tolist()[:10]} are outside the class map "
+            f"0..{len(classes) - 1} ({', '.join(classes)})"
+        )
+    return rounded.astype(np.int64)
+
+
+def _frames(root: Path) -> list[tuple[str, str, Path]]:
+    """(patient, frame number, image file) for every frame volume under root, sorted."""
+    found = []
+    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(patient_dir.iterdir()):
+            m = _FRAME.match(f.name)
+            if m and f.is_file():
+                found.append((patient_dir.name, m["frame"], f))
+    return found
+
+
+def _gt_path(image_path: Path) -> Path:
+    name = image_path.name
+    stem, ext = (name[:-7], ".nii.gz") if name.endswith(".nii.gz") else (name[:-4], ".nii")
+    return image_path.with_name(f"{stem}_gt{ext}")
+
+
+@DATASETS.register("nifti")
+def build(cfg: DataConfig) -> SegData:
+    """All frames of all patients under cfg.root, sliced along the last axis and resized."""
+    if not cfg.root:
+        raise DatasetError("data.root is empty: the nifti dataset needs a folder of patient folders")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DatasetError(f"data.root {root} is not a directory (expected patientXXX/ folders)")
+    spec = root / "dataset.yaml"
+    classes = read_spec(spec)[0] if spec.exists() else list(ACDC_CLASSES)
+    frames = _frames(root)
+    if not frames:
+        raise DatasetError(
+            f"no patients found in {root}: expected {root}/patientXXX/patientXXX_frameYY.nii.gz "
+            "with a label volume patientXXX_frameYY_gt.nii.gz beside it"
+        )
+    images, masks, groups, ids = [], [], [], []
+    for patient, frame, image_path in frames:
+        gt_path = _gt_path(image_path)
+        if not gt_path.is_file():
+            raise DatasetError(f"{image_path}: missing its label volume {gt_path}")
+        volume = _read_volume(image_path)
+        labels = _read_labels(gt_path, volume.shape, image_path, classes)
+        for z in range(volume.shape[-1]):
+            image = pad_square(volume[..., z], float(volume[..., z].min()))
+            image, mask = resize_pair(image, pad_square(labels[..., z], 0), cfg.image_size)
+            images.append(normalise(image))
+            masks.append(mask)
+            groups.append(patient)
+            ids.append(f"{patient}_frame{frame}_z{z:02d}")
+    return SegData(np.stack(images), np.stack(masks), groups, ids, classes, "nifti")

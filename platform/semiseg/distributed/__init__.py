@@ -1,0 +1,1 @@
+"""Ray lives here and nowhere else: Train workers (train.py), Tune sweeps (tune.py)."""

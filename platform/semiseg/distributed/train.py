@@ -1,0 +1,113 @@
+"""One trial = one Ray Train TorchTrainer running `engine.fit` on each worker (DDP across them)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from semiseg import tracking
+from semiseg.config import Config, from_dict
+from semiseg.data import load_dataset
+from semiseg.data.splits import make_split
+from semiseg.distributed.cluster import storage_path
+from semiseg.engine import FitResult, fit
+
+
+class RayReportCallback:
+    """Every worker reports each epoch (Ray Train expects all ranks to); rank 0 attaches the
+    checkpoint it just wrote, which Ray copies to storage for resumption."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def on_fit_end(self, result: FitResult) -> None:
+        pass
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = from_dict(config["cfg"], source="trial config")
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    data = load_dataset(cfg.data)
+    split = make_split(data, cfg.data, cfg.train.seed)
+    callbacks: list = [RayReportCallback()]
+    if rank == 0 and config.get("run_id"):
+        logger = tracking.RunLogger(config["uri"], config["run_id"])
+        logger.log_dict(split.manifest(data), "split_manifest.json")
+        callbacks.append(tracking.MlflowCallback(logger))
+    workdir = Path(tempfile.mkdtemp(prefix="semiseg-"))
+    resume = _restore(ray.train.get_checkpoint(), workdir)
+    try:
+        fit(cfg, data, split, ray.train.torch.get_device(), workdir / "latest", callbacks,
+            resume_from=resume, wrap_model=ray.train.torch.prepare_model, rank=rank)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _restore(checkpoint: ray.train.Checkpoint | None, workdir: Path) -> Path | None:
+    """A local copy of the checkpoint Ray restored after a worker failure, if any."""
+    if checkpoint is None:
+        return None
+    target = workdir / "restored"
+    with checkpoint.as_directory() as src:
+        shutil.copytree(src, target)
+    return target
+
+
+def run_trainer(cfg: Config, run_id: str | None, uri: str, name: str,
+                callbacks: list | None = None) -> None:
+    """Run one TorchTrainer to completion (raises if it failed)."""
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id, "uri": uri},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path(cfg.ray.storage_path), callbacks=callbacks or [],
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+
+
+def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: str | None,
+                      callbacks: list | None = None) -> str:
+    """Create the trial's MLflow run, train, and close the run as FINISHED or FAILED."""
+    name = trial_name(cfg)
+    run_id = tracking.start_run(uri, experiment_id, name, "trial", trial_tags(cfg), parent_run_id)
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log_params(cfg.flat())
+    try:
+        run_trainer(cfg, run_id, uri, f"{name}-{cfg.config_hash()}", callbacks)
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+    return run_id
+
+
+def trial_name(cfg: Config) -> str:
+    return f"{cfg.method.name}-f{cfg.data.label_fraction:g}-s{cfg.train.seed}"
+
+
+def trial_tags(cfg: Config) -> dict[str, str]:
+    return {
+        tracking.CONFIG_HASH_TAG: cfg.config_hash(), "method": cfg.method.name,
+        "dataset": cfg.data.name, "label_fraction": f"{cfg.data.label_fraction:g}",
+        "seed": str(cfg.train.seed),
+    }

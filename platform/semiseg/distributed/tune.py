@@ -1,0 +1,84 @@
+"""`semiseg sweep`: a Ray Tune grid over method x label fraction x seed (x method params).
+
+Train V2 pattern: each Tune trial runs a function that builds its own TorchTrainer and relays
+worker reports to Tune through TuneReportCallback. MLflow gets one parent run per sweep and one
+nested child run per trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from semiseg import tracking
+from semiseg.config import Config, from_dict
+from semiseg.distributed.cluster import connect, storage_path
+from semiseg.distributed.progress import SweepProgress
+from semiseg.distributed.train import run_tracked_trial
+
+
+def expand_grid(cfg: Config) -> list[dict[str, Any]]:
+    """One plain config dict per trial: methods x their param grids x fractions x seeds."""
+    base = cfg.to_dict()
+    trials = []
+    for method in cfg.sweep.methods:
+        grid = {k.split(".", 1)[1]: v for k, v in cfg.sweep.params.items() if k.startswith(method + ".")}
+        keys = sorted(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            for fraction, seed in itertools.product(cfg.sweep.label_fractions, cfg.sweep.seeds):
+                trial = copy.deepcopy(base)
+                trial["method"] = {
+                    "name": method,
+                    "params": {**(base["method"]["params"] if method == cfg.method.name else {}),
+                               **dict(zip(keys, values))},
+                }
+                trial["data"]["label_fraction"] = fraction
+                trial["train"]["seed"] = seed
+                trials.append(trial)
+    return trials
+
+
+def _tune_trial(config: dict[str, Any]) -> None:
+    """Runs inside a Tune trial actor; the TorchTrainer it starts does the training."""
+    cfg = from_dict(config["trial"], source="trial")
+    run_tracked_trial(cfg, config["uri"], config["experiment_id"], config["parent_run_id"],
+                      callbacks=[TuneReportCallback()])
+
+
+def run_sweep(cfg: Config, sweep_name: str = "sweep") -> tuple[str, str]:
+    """Run the grid and return (tracking uri, parent run id)."""
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    cfg.ray.storage_path = storage_path(cfg.ray.storage_path)  # trials run in other dirs
+    connect(cfg.ray.address)
+    trials = expand_grid(cfg)
+    [from_dict(t, source="sweep trial") for t in trials]  # fail before anything starts
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    parent = tracking.start_run(uri, experiment_id, sweep_name, "sweep",
+                                {"trials": str(len(trials))})
+    logger = tracking.RunLogger(uri, parent)
+    logger.log_params(cfg.flat())
+    status = "FAILED"
+    try:
+        tuner = tune.Tuner(
+            # The trial actor only coordinates; its Train workers hold the CPUs/GPUs.
+            tune.with_resources(_tune_trial, {"cpu": 0, "memory": 1e6}),
+            param_space={"trial": tune.grid_search(trials), "uri": uri,
+                         "experiment_id": experiment_id, "parent_run_id": parent},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ray.max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name=f"{sweep_name}-{parent[:8]}", storage_path=cfg.ray.storage_path,
+                callbacks=[SweepProgress(len(trials), cfg.train.epochs)], verbose=0,
+            ),
+        )
+        results = tuner.fit()
+        errors = [r.error for r in results if r.error is not None]
+        status = "FINISHED" if not errors else "FAILED"
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first: {errors[0]}")
+    finally:
+        logger.end(status)
+    return uri, parent

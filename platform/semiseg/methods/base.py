@@ -1,0 +1,78 @@
+"""The Method interface: a method turns batches into a loss. The engine owns the rest
+(optimizer, AMP, clipping, backward), so a method is a few pure-torch functions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """A batch of images. `strong` is a photometrically stronger view of the same geometry as
+    `image`, so pixels correspond. Unlabeled batches have `mask=None`: they never carry one."""
+
+    image: Tensor
+    strong: Tensor
+    mask: Tensor | None
+    index: Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.image), move(self.strong), move(self.mask), self.index)
+
+
+@dataclass
+class StepOutput:
+    """A training step's loss, scalar logs, and optionally the pseudo-labels it trained on
+    (labels per unlabeled pixel, plus a bool mask of the pixels it used) for quality scoring."""
+
+    loss: Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+    pseudo_label: Tensor | None = None
+    pseudo_used: Tensor | None = None
+
+
+@dataclass
+class NoParams:
+    """A method without hyperparameters."""
+
+
+class Method(ABC):
+    """Base class. Subclasses set `name` (their file's name, via `register_method`) and
+    `Config` (a dataclass of hyperparameters whose defaults are the paper's)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoParams
+    uses_unlabeled: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, cfg: Any, num_classes: int) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    @abstractmethod
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
+        """Return the loss for one step."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step, e.g. to update an EMA teacher."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch, e.g. to refresh a reference bank."""
+
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate and checkpoint as 'the' model (e.g. a mean teacher)."""
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state to checkpoint beyond the student model (e.g. the teacher)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""

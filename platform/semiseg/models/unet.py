@@ -1,0 +1,110 @@
+"""A compact 2D U-Net that can also return full-resolution pixel features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DoubleConv(nn.Sequential):
+    """(Conv3x3 -> BatchNorm -> ReLU) x 2; padding keeps the spatial size."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            # bias=False: BatchNorm's shift makes a conv bias redundant.
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """Bilinear 2x upsample, concat the encoder skip, then DoubleConv.
+
+    Bilinear upsampling (rather than transposed conv) avoids checkerboard artefacts and is
+    deterministic on GPU, which matters for reproducible sweeps.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = DoubleConv(in_channels + skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """2D U-Net with ``depth`` down-sampling stages.
+
+    Channels double at each stage: ``base_channels * 2**i`` for encoder stage ``i``, with a
+    ``base_channels * 2**depth`` bottleneck. The last decoder stage has ``base_channels``
+    channels at full input resolution; that map is what ``return_features`` exposes
+    (``feature_dim == base_channels``) for contrastive / nearest-reference methods.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, base_channels: int = 16, depth: int = 3
+    ) -> None:
+        super().__init__()
+        for name, value, low in (
+            ("in_channels", in_channels, 1),
+            ("num_classes", num_classes, 1),
+            ("base_channels", base_channels, 1),
+            ("depth", depth, 1),
+        ):
+            if value < low:
+                raise ValueError(f"UNet {name} must be >= {low}, got {value}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.depth = depth
+        self.feature_dim = base_channels
+
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList()
+        prev = in_channels
+        for width in widths[:-1]:
+            self.encoders.append(DoubleConv(prev, width))
+            prev = width
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = DoubleConv(widths[-2], widths[-1])
+        # Decoder goes bottom-up: stage i takes widths[i + 1] and the skip of width widths[i].
+        self.decoders = nn.ModuleList(
+            Up(widths[i + 1], widths[i], widths[i]) for i in reversed(range(depth))
+        )
+        self.head = nn.Conv2d(base_channels, num_classes, kernel_size=1)
+
+    @property
+    def size_divisor(self) -> int:
+        """H and W must be multiples of this so every pooling halves an even size."""
+        return 2**self.depth
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, num_classes, H, W), or (logits, features (B, feature_dim, H, W))."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"UNet expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        div = self.size_divisor
+        if h % div or w % div:
+            raise ValueError(
+                f"UNet input size {h}x{w} is not divisible by {div} "
+                f"(2**depth with depth={self.depth}); pad or resize H and W to multiples of {div}"
+            )
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            x = decoder(x, skip)
+        logits = self.head(x)
+        return (logits, x) if return_features else logits
