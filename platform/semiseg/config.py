@@ -124,12 +124,18 @@ class RayConfig:
     """Trials that run at once."""
     storage_path: str = "ray_results"
     """Where Ray keeps checkpoints; shared storage (s3://, NFS) on a multi-node cluster."""
+    max_failures: int = 1
+    """Times a trial's worker group is restarted from its last checkpoint after a failure."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: auto is nccl with GPUs, gloo without."""
 
     def __post_init__(self) -> None:
         if self.num_workers <= 0 or self.max_concurrent_trials <= 0:
             raise ConfigError("ray.num_workers and ray.max_concurrent_trials must be positive")
         if self.gpus_per_worker <= 0 or self.cpus_per_worker <= 0:
             raise ConfigError("ray.gpus_per_worker and ray.cpus_per_worker must be positive")
+        if self.max_failures < 0:
+            raise ConfigError(f"ray.max_failures={self.max_failures}: expected 0 or more")
 
 
 @dataclass

@@ -7,6 +7,7 @@ YAML becomes typed dataclasses) can each be read in one look.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -66,6 +67,8 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 def _scalar(value: Any, hint: Any, key: str, source: str) -> Any:
     if hint is Any:
         return value
+    if hint is float and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        value = float(value)  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

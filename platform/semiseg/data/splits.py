@@ -41,7 +41,7 @@ class Split:
 
 def labeled_count(label_fraction: float, num_train: int) -> int:
     """round(f * N), half up, and at least one image."""
-    return max(1, int(np.floor(label_fraction * num_train + 0.5)))
+    return max(1, int(np.floor(round(label_fraction * num_train, 9) + 0.5)))  # 0.29*50 -> 14.5
 
 
 def make_split(data: SegData, cfg: DataConfig, seed: int) -> Split:

@@ -13,7 +13,7 @@ class SweepProgress(Callback):
     def __init__(self, num_trials: int, epochs: int, stream: Any = None) -> None:
         self.num_trials = num_trials
         self.epochs = epochs
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks)
         self.done: set[str] = set()
         self.failed: set[str] = set()
         self.running: set[str] = set()
@@ -24,7 +24,7 @@ class SweepProgress(Callback):
                   f"{self.num_trials - len(self.done) - len(self.failed) - len(self.running)} pending"
                   + (f", {len(self.failed)} failed" if self.failed else "") + "]")
         best = "  ".join(f"{m} best val dice {d:.3f}" for m, d in sorted(self.best.items()))
-        print(f"{counts} {text}" + (f" | {best}" if best else ""), file=self.stream, flush=True)
+        print(f"{counts} {text}" + (f" | {best}" if best else ""), file=self.stream or sys.stdout, flush=True)
 
     @staticmethod
     def _label(trial: Any) -> str:
@@ -59,9 +59,9 @@ class TrainProgress(UserCallback):
 
     def __init__(self, epochs: int, stream: Any = None) -> None:
         self.epochs = epochs
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks)
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         m = metrics[0]
         print(f"epoch {int(m.get('epoch', 0)) + 1}/{self.epochs}  loss {m.get('train/loss', float('nan')):.4f}"
-              f"  val dice {m.get('val/dice_mean', float('nan')):.4f}", file=self.stream, flush=True)
+              f"  val dice {m.get('val/dice_mean', float('nan')):.4f}", file=self.stream or sys.stdout, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train.torch import TorchConfig
 
 from semiseg import tracking
 from semiseg.config import Config, from_dict
@@ -44,13 +46,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = tracking.RunLogger(config["uri"], config["run_id"])
         logger.log_dict(split.manifest(data), "split_manifest.json")
         callbacks.append(tracking.MlflowCallback(logger))
+    device = _device()
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        wrapped = ray.train.torch.prepare_model(model, move_to_device=device)
+        if rank == 0 and config.get("run_id"):
+            tracking.RunLogger(config["uri"], config["run_id"]).set_tags({
+                "ray.world_size": str(ctx.get_world_size()), "ray.device": str(device),
+                "model.wrapper": type(wrapped).__name__,
+            })
+        return wrapped
+
     workdir = Path(tempfile.mkdtemp(prefix="semiseg-"))
     resume = _restore(ray.train.get_checkpoint(), workdir)
     try:
-        fit(cfg, data, split, ray.train.torch.get_device(), workdir / "latest", callbacks,
-            resume_from=resume, wrap_model=ray.train.torch.prepare_model, rank=rank)
+        fit(cfg, data, split, device, workdir / "latest", callbacks,
+            resume_from=resume, wrap_model=wrap, rank=rank)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _device() -> torch.device:
+    """The worker's device; CPU where Ray granted a GPU share but torch sees no CUDA."""
+    device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn("a GPU was scheduled for this worker but CUDA is unavailable; using CPU")
+        return torch.device("cpu")
+    return device
 
 
 def _restore(checkpoint: ray.train.Checkpoint | None, workdir: Path) -> Path | None:
@@ -72,13 +94,14 @@ def run_trainer(cfg: Config, run_id: str | None, uri: str, name: str,
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id, "uri": uri},
+        torch_config=None if cfg.ray.backend == "auto" else TorchConfig(backend=cfg.ray.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path(cfg.ray.storage_path), callbacks=callbacks or [],
-            failure_config=ray.train.FailureConfig(max_failures=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )

@@ -1,0 +1,82 @@
+"""A real sweep on a real local Ray: Tune trials that each run a TorchTrainer, logged to MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from semiseg import tracking
+from semiseg.distributed.tune import run_sweep
+
+pytestmark = pytest.mark.integration
+
+
+def _children(uri: str, parent: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("quickstart")
+    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
+    cfg = tiny_config("sweep.label_fractions=[0.1,1.0]")
+    uri, parent = run_sweep(cfg, "it-sweep")
+    client = MlflowClient(uri)
+    assert client.get_run(parent).info.status == "FINISHED"
+    children = _children(uri, parent)
+    assert len(children) == 2
+    assert {c.data.params["data.label_fraction"] for c in children} == {"0.1", "1.0"}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[tracking.CONFIG_HASH_TAG] == run.data.tags[tracking.CONFIG_HASH_TAG].strip()
+        assert len(run.data.tags[tracking.CONFIG_HASH_TAG]) == 16
+        assert run.data.params["model.base_channels"] == "4"  # the whole resolved config
+        history = client.get_metric_history(run.info.run_id, "val/dice_mean")
+        assert sorted(m.step for m in history) == [0, 1]  # one value per epoch, none twice
+        for name in ("lung", "heart", "spine"):
+            assert 0.0 <= run.data.metrics[f"test/dice/{name}"] <= 1.0
+            assert f"test/hd95/{name}" in run.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "split_manifest.json" in artifacts and "overlays" in artifacts
+        overlays = client.list_artifacts(run.info.run_id, "overlays")
+        assert len(overlays) == 2 and all(a.path.endswith(".png") for a in overlays)
+        manifest = json.loads(Path(client.download_artifacts(run.info.run_id, "split_manifest.json",
+                                                             str(tmp_path / run.info.run_id))).read_text())
+        assert {row["role"] for row in manifest} >= {"labeled", "val", "test"}
+    hashes = {c.data.tags[tracking.CONFIG_HASH_TAG] for c in children}
+    assert len(hashes) == 2  # label fraction is part of a run's identity
+
+
+def test_trial_with_two_ddp_workers(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
+    cfg = tiny_config("sweep.label_fractions=[0.5]", "ray.num_workers=2",
+                      "ray.max_concurrent_trials=1")
+    uri, parent = run_sweep(cfg, "it-ddp")
+    (run,) = _children(uri, parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ray.world_size"] == "2"
+    assert run.data.tags["model.wrapper"] == "DistributedDataParallel"
+
+
+def test_fractional_gpu_trials_share_one_gpu(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
+    """Two trials with 0.5 GPU each must run at the same time on the one (logical) GPU."""
+    cfg = tiny_config("sweep.label_fractions=[0.25,1.0]", "ray.use_gpu=true",
+                      "ray.gpus_per_worker=0.5", "ray.cpus_per_worker=0.5", "ray.backend=gloo",
+                      "train.steps_per_epoch=8")
+    uri, parent = run_sweep(cfg, "it-gpu")
+    runs = _children(uri, parent)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    a, b = sorted(runs, key=lambda r: r.info.start_time)
+    assert b.info.start_time < a.info.end_time, "the two 0.5-GPU trials did not overlap"
+
+
+def test_failed_trial_ends_failed_not_running(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
+    cfg = tiny_config("sweep.label_fractions=[0.5]", "train.lr=1e30")
+    with pytest.raises(Exception, match="trials failed"):
+        run_sweep(cfg, "it-fail")
+    client = MlflowClient(sqlite_uri)
+    exp = client.get_experiment_by_name("quickstart")
+    statuses = {r.data.tags.get(tracking.ROLE_TAG): r.info.status
+                for r in client.search_runs([exp.experiment_id])}
+    assert statuses == {"sweep": "FAILED", "trial": "FAILED"}

@@ -1,0 +1,249 @@
+"""Config loading, dotted overrides, validation messages and the run identity (config_hash)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from semiseg.config import Config, load_config
+from semiseg.errors import ConfigError, RegistryError, SemisegError
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("**/*.yaml"))
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.data.name == "synthetic"
+    assert cfg.method.name == "supervised"
+    assert cfg.train.optimizer == "adamw"
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_quickstart_loads(repo_root: Path) -> None:
+    cfg = load_config(repo_root / "experiments" / "quickstart.yaml")
+    assert cfg.data.name == "synthetic"
+    assert cfg.sweep.methods == ["supervised"]
+    assert cfg.sweep.label_fractions == [0.05, 0.25, 1.0]
+    assert cfg.tracking.experiment == "quickstart"
+    # ints in YAML become floats where the schema says float
+    assert isinstance(cfg.ray.cpus_per_worker, float) and cfg.ray.cpus_per_worker == 1.0
+
+
+def test_experiments_exist() -> None:
+    assert EXPERIMENTS, "no experiments/**/*.yaml found"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[str(p.relative_to(REPO)) for p in EXPERIMENTS])
+def test_every_experiment_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert len(cfg.config_hash()) == 16
+
+
+# ---- overrides -------------------------------------------------------------------------------
+
+
+def test_overrides_apply_with_types() -> None:
+    cfg = load_config(None, [
+        "train.epochs=3", "sweep.seeds=[0,1]", "method.name=supervised",
+        "data.label_fraction=0.25", "train.lr=1", "train.amp=false",
+    ])
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.sweep.seeds == [0, 1] and all(type(s) is int for s in cfg.sweep.seeds)
+    assert cfg.method.name == "supervised"
+    assert cfg.data.label_fraction == 0.25
+    # an int is accepted for a float field, and stored as a float
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert cfg.train.amp is False
+
+
+def test_override_patches_a_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  epochs: 7\n  seed: 4\n")
+    cfg = load_config(path, ["train.epochs=2"])
+    assert cfg.train.epochs == 2
+    assert cfg.train.seed == 4  # untouched keys keep the file's values
+
+
+@pytest.mark.parametrize("text,expected", [("1e-4", 1e-4), ("3E-3", 3e-3), ("2.5e+1", 25.0), ("0.5", 0.5)])
+def test_scientific_notation_float(text: str, expected: float) -> None:
+    # PyYAML reads "1e-4" (no dot) as a string; float fields must still accept it.
+    cfg = load_config(None, [f"train.lr={text}"])
+    assert cfg.train.lr == pytest.approx(expected) and type(cfg.train.lr) is float
+
+
+def test_scientific_notation_in_file(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "train:\n  lr: 1e-4\n  weight_decay: 5e-2\n"))
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.weight_decay == pytest.approx(5e-2)
+
+
+def test_override_without_equals() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+
+
+# ---- unknown keys ----------------------------------------------------------------------------
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "train.lrr" in msg
+    assert "valid keys" in msg and "train.lr" in msg and "train.epochs" in msg
+    assert str(path) in msg
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, "trian:\n  epochs: 2\n"))
+    msg = str(info.value)
+    assert "trian" in msg
+    for section in ("data", "model", "method", "train", "ray", "tracking", "sweep"):
+        assert section in msg
+
+
+def test_unknown_override_key() -> None:
+    with pytest.raises(ConfigError, match=r"train\.nope") as info:
+        load_config(None, ["train.nope=1"])
+    assert "train.epochs" in str(info.value)
+
+
+# ---- bad values ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("train.epochs=abc", ["train.epochs", "int"]),
+    ("train.amp=3", ["train.amp", "bool"]),
+    ("train.optimizer=adam", ["train.optimizer", "adamw", "sgd"]),
+    ("train.schedule=step", ["train.schedule", "cosine", "poly", "constant"]),
+    ("data.batch_size=0", ["data.batch_size", "positive"]),
+    ("data.batch_size=-1", ["data.batch_size", "positive"]),
+    ("data.label_fraction=0", ["data.label_fraction", "(0, 1]"]),
+    ("data.label_fraction=1.5", ["data.label_fraction", "(0, 1]"]),
+    ("train.epochs=0", ["train.epochs", "positive"]),
+    ("train.lr=0", ["train.lr", "positive"]),
+    ("train.lr=abc", ["train.lr", "float"]),
+    ("sweep.seeds=3", ["sweep.seeds", "list"]),
+    ("sweep.seeds=[0,x]", ["sweep.seeds[1]", "int"]),
+])
+def test_bad_values(override: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+
+
+def test_config_error_is_semiseg_error() -> None:
+    with pytest.raises(SemisegError):
+        load_config(None, ["train.epochs=abc"])
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "missing.yaml"
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_config(path)
+    assert "missing.yaml" in str(info.value)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  epochs: [1, 2\n  lr: : :\n", name="broken.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "broken.yaml" in str(info.value)
+    assert "YAML" in str(info.value)
+
+
+def test_top_level_list(tmp_path: Path) -> None:
+    path = _write(tmp_path, "- train\n- data\n", name="list.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "list.yaml" in str(info.value)
+
+
+def test_section_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train"):
+        load_config(_write(tmp_path, "train: 5\n"))
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")) == Config()
+
+
+# ---- names checked against the registries ----------------------------------------------------
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(RegistryError) as info:
+        load_config(None, ["data.name=imagenet"])
+    assert isinstance(info.value, SemisegError)
+    assert "imagenet" in str(info.value) and "synthetic" in str(info.value)
+
+
+def test_unknown_method() -> None:
+    with pytest.raises(RegistryError) as info:
+        load_config(None, ["method.name=magic"])
+    assert isinstance(info.value, SemisegError)
+    assert "magic" in str(info.value) and "supervised" in str(info.value)
+
+
+def test_unknown_sweep_method() -> None:
+    with pytest.raises(RegistryError, match="supervised"):
+        load_config(None, ["sweep.methods=[supervised,magic]"])
+
+
+def test_unknown_method_param() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["method.name=supervised", "method.params={threshold: 0.9}"])
+    assert "threshold" in str(info.value) and "supervised" in str(info.value)
+
+
+def test_bad_sweep_params_key() -> None:
+    with pytest.raises(ConfigError, match="sweep.params"):
+        load_config(None, ["sweep.params={magic.threshold: [0.9]}"])
+
+
+# ---- identity --------------------------------------------------------------------------------
+
+
+def test_config_hash_identity() -> None:
+    base = load_config(None).config_hash()
+    assert load_config(None).config_hash() == base
+    assert load_config(None, ["train.seed=1"]).config_hash() != base
+    assert load_config(None, ["data.label_fraction=0.25"]).config_hash() != base
+    # where a run executes or is logged is not part of its identity
+    assert load_config(None, ["ray.num_workers=4"]).config_hash() == base
+    assert load_config(None, ["tracking.experiment=other"]).config_hash() == base
+    assert load_config(None, ["sweep.seeds=[0,1,2]"]).config_hash() == base
+
+
+def test_flat() -> None:
+    flat = load_config(None, ["train.lr=0.01"]).flat()
+    assert flat["train.lr"] == 0.01
+    assert flat["data.name"] == "synthetic"
+    assert flat["sweep.seeds"] == [0]
+    assert flat["method.params"] == {}
+    assert all(not isinstance(v, dict) or not v for v in flat.values())
+    assert "train" not in flat
