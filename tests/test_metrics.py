@@ -1,11 +1,18 @@
-"""Hand-computed checks for semiseg.metrics (Dice, IoU, HD95 and their empty-class rules)."""
+"""Checks for semiseg.metrics (Dice, IoU, HD95 and their empty-class rules): hand-computed
+cases, a cross-check against MONAI (which semiseg.metrics must not import), and a check that
+importing it pulls in neither monai nor mlflow."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 
 from semiseg.metrics import MetricAccumulator, segmentation_metrics
 
@@ -132,3 +139,68 @@ def test_bad_inputs_raise() -> None:
         segmentation_metrics(m * 2, m, NAMES)
     with pytest.raises(ValueError, match="before any images"):
         MetricAccumulator(NAMES).compute()
+
+
+def _blob_labels(rng: np.random.Generator, hw: int, num_fg: int) -> np.ndarray:
+    """(hw, hw) label map: each foreground class is a thresholded smoothed-noise blob field
+    (irregular, often several components, often touching the image border); later classes
+    overwrite earlier ones. A random threshold sometimes leaves a class empty."""
+    labels = np.zeros((hw, hw), dtype=np.int64)
+    for c in range(1, num_fg + 1):
+        field = gaussian_filter(rng.standard_normal((hw, hw)), sigma=rng.uniform(2.0, 5.0))
+        labels[field > rng.uniform(0.5, 2.5) * field.std()] = c
+    return labels
+
+
+def test_matches_monai_on_random_label_maps() -> None:
+    """Per-(image, class) Dice, IoU and HD95 equal MONAI's compute_dice / compute_iou /
+    compute_hausdorff_distance(percentile=95) wherever our conventions do not override them
+    (both empty -> NaN, one empty -> 0 / image diagonal; those are tested above)."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+
+    rng = np.random.default_rng(1234)
+    names = ["background", "a", "b", "c"]
+    num_classes = len(names)
+    compared = 0
+    for _ in range(20):
+        target = _blob_labels(rng, 48, num_classes - 1)
+        # The prediction is a perturbed target (the target shifted by a few pixels, with
+        # blob-shaped patches replaced by another random map: realistic partial overlap) or,
+        # sometimes, an unrelated map (little or no overlap, large distances).
+        pred = _blob_labels(rng, 48, num_classes - 1)
+        if rng.random() < 0.75:
+            shifted = np.roll(target, tuple(rng.integers(-3, 4, size=2)), axis=(0, 1))
+            noise = gaussian_filter(rng.standard_normal((48, 48)), sigma=3.0)
+            keep = noise > np.quantile(noise, rng.uniform(0.1, 0.4))
+            pred = np.where(keep, shifted, pred)
+        p_t = torch.from_numpy(pred)[None]
+        t_t = torch.from_numpy(target)[None]
+        ours = segmentation_metrics(p_t, t_t, names)
+
+        p1 = torch.nn.functional.one_hot(p_t, num_classes).permute(0, 3, 1, 2).float()
+        t1 = torch.nn.functional.one_hot(t_t, num_classes).permute(0, 3, 1, 2).float()
+        dice = compute_dice(p1, t1, include_background=False, ignore_empty=False)[0].numpy()
+        iou = compute_iou(p1, t1, include_background=False, ignore_empty=False)[0].numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hd95 = compute_hausdorff_distance(p1, t1, include_background=False,
+                                              percentile=95)[0].numpy()
+        for c, name in enumerate(names[1:]):
+            if not ((pred == c + 1).any() and (target == c + 1).any()):
+                continue  # excluded / overridden by our conventions
+            compared += 1
+            np.testing.assert_allclose(ours[f"dice/{name}"], dice[c], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(ours[f"iou/{name}"], iou[c], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(ours[f"hd95/{name}"], hd95[c], rtol=1e-5, atol=1e-4)
+    assert compared >= 40  # the random maps really exercise the comparison
+
+
+def test_import_pulls_in_neither_monai_nor_mlflow() -> None:
+    """semiseg.engine imports semiseg.metrics and must not import mlflow; any monai import
+    does (monai/__init__ loads monai.handlers.mlflow_handler)."""
+    code = ("import semiseg.metrics, sys; "
+            "assert 'mlflow' not in sys.modules and 'monai' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'monai'))[:5]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr

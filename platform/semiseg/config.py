@@ -159,6 +159,14 @@ class SweepConfig:
     params: dict[str, list[Any]] = field(default_factory=dict)
     """Method hyperparameter grids as 'method.param': [values], e.g. 'pseudo_label.threshold'."""
 
+    def __post_init__(self) -> None:
+        for key in ("methods", "label_fractions", "seeds"):
+            if not getattr(self, key):
+                raise ConfigError(f"sweep.{key} is empty: expected at least one value")
+        for f in self.label_fractions:
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"sweep.label_fractions has {f}: expected values in (0, 1]")
+
 
 @dataclass
 class Config:

@@ -94,7 +94,9 @@ def coerce_override(data: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing or empty (`train:`) section
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
         node = child

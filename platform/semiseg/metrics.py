@@ -24,10 +24,17 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+from scipy.ndimage import binary_erosion, distance_transform_edt
+
+# MONAI is deliberately NOT imported here, not even lazily: importing any monai submodule
+# runs monai/__init__.py, which loads monai.handlers and with it mlflow_handler ->
+# `import mlflow`. semiseg.engine imports this module and must stay free of mlflow/ray.
+# The code below reimplements exactly what we used from monai.metrics (compute_dice,
+# compute_iou, compute_hausdorff_distance(percentile=95)); tests/test_metrics.py
+# cross-checks it against MONAI on random label maps.
 
 _KINDS = ("dice", "iou", "hd95")
+_HD_PERCENTILE = 95.0
 
 
 def _check_inputs(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> None:
@@ -47,41 +54,80 @@ def _check_inputs(pred: torch.Tensor, target: torch.Tensor, num_classes: int) ->
             )
 
 
-def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, H, W) int -> (N, C, H, W) float, the layout MONAI metrics expect."""
-    return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
+def _confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, H, W) label maps -> (N, C, C) int64 pixel counts, [n, pred class, target class]."""
+    n = pred.shape[0]
+    idx = pred.reshape(n, -1).long() * num_classes + target.reshape(n, -1).long()
+    idx = idx + torch.arange(n).unsqueeze(1) * num_classes * num_classes
+    counts = torch.bincount(idx.reshape(-1), minlength=n * num_classes * num_classes)
+    return counts.reshape(n, num_classes, num_classes)
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """Edge pixels as MONAI's get_mask_edges defines them (no spacing): the mask XOR its
+    binary erosion with scipy's default cross-shaped element. Pixels outside the array
+    count as background (border_value=0), so foreground on the image border is edge."""
+    return binary_erosion(mask) ^ mask
+
+
+def _directed_percentile(from_edges: np.ndarray, to_edges: np.ndarray) -> float:
+    """95th percentile (np.percentile linear interpolation, as torch.quantile in MONAI) of
+    the Euclidean distances from every pixel of ``from_edges`` to the nearest of ``to_edges``."""
+    # EDT of the complement is exact: distance from each pixel to the nearest zero, i.e. to
+    # the nearest edge pixel of the other shape (MONAI uses a KD-tree; same distances).
+    dist = distance_transform_edt(~to_edges)[from_edges]
+    return float(np.percentile(dist, _HD_PERCENTILE))
+
+
+def _hd95(pred_mask: np.ndarray, target_mask: np.ndarray) -> float:
+    """Symmetric HD95 between two non-empty 2D boolean masks, in pixels (unit spacing):
+    max of the two directed 95th percentiles, as compute_hausdorff_distance(percentile=95,
+    directed=False)."""
+    # Crop to the bounding box of the union. Nothing outside it is foreground, so erosion
+    # (which treats outside-the-array as background) yields the same edges, and every edge
+    # pixel lies inside it, so the distances are unchanged; it only saves work.
+    union = pred_mask | target_mask
+    rows = np.flatnonzero(union.any(1))
+    cols = np.flatnonzero(union.any(0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    edges_p = _edges(pred_mask[box])
+    edges_t = _edges(target_mask[box])
+    return max(_directed_percentile(edges_p, edges_t), _directed_percentile(edges_t, edges_p))
 
 
 def _per_image(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int
 ) -> dict[str, np.ndarray]:
     """Per-(image, foreground class) Dice, IoU and HD95 as (N, C - 1) float64 arrays."""
-    # Everything on CPU: HD95 needs scipy anyway, and CPU float math keeps results
-    # deterministic regardless of where the model ran.
-    p = _one_hot(pred.detach().cpu(), num_classes)
-    t = _one_hot(target.detach().cpu(), num_classes)
+    # Everything on CPU: HD95 needs scipy anyway, and integer counts keep results exact
+    # and deterministic regardless of where the model ran.
+    pred = pred.detach().cpu()
+    target = target.detach().cpu()
     h, w = pred.shape[-2:]
 
-    pred_has = p[:, 1:].flatten(2).any(-1).numpy()  # (N, C - 1)
-    target_has = t[:, 1:].flatten(2).any(-1).numpy()
+    # Areas and intersections from one per-image confusion matrix, dropping background.
+    conf = _confusion(pred, target, num_classes).double().numpy()
+    inter = np.diagonal(conf, axis1=1, axis2=2)[:, 1:]  # (N, C - 1)
+    pred_area = conf.sum(2)[:, 1:]
+    target_area = conf.sum(1)[:, 1:]
+    pred_has = pred_area > 0
+    target_has = target_area > 0
     both_empty = ~pred_has & ~target_has
     one_empty = pred_has ^ target_has
 
-    # ignore_empty=False gives 1.0 for both-empty and 0.0 for one-empty; we then replace
-    # both-empty with NaN ourselves (MONAI's ignore_empty=True would also drop the
-    # "target empty, pred not" case, hiding false positives).
-    dice = compute_dice(p, t, include_background=False, ignore_empty=False).double().numpy()
-    iou = compute_iou(p, t, include_background=False, ignore_empty=False).double().numpy()
-    with warnings.catch_warnings():
-        # MONAI warns for every empty mask (we handle those below) and about its own
-        # deprecated internals; neither is actionable for callers.
-        warnings.simplefilter("ignore")
-        hd95 = compute_hausdorff_distance(p, t, include_background=False, percentile=95)
-    hd95 = hd95.double().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2.0 * inter / (pred_area + target_area)
+        iou = inter / (pred_area + target_area - inter)
+    hd95 = np.full(dice.shape, np.nan)
 
+    pred_np = pred.numpy()
+    target_np = target.numpy()
+    for i, c in zip(*np.nonzero(pred_has & target_has)):
+        hd95[i, c] = _hd95(pred_np[i] == c + 1, target_np[i] == c + 1)
+
+    # Both empty: 0/0 above -> excluded (NaN). One empty: 0/area = 0 for Dice and IoU.
     dice[both_empty] = np.nan
     iou[both_empty] = np.nan
-    hd95[both_empty] = np.nan
     hd95[one_empty] = math.hypot(h - 1, w - 1)
     return {"dice": dice, "iou": iou, "hd95": hd95}
 

@@ -19,6 +19,11 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray with 2 CPUs and one logical GPU (so fractional-GPU scheduling can be

@@ -40,10 +40,12 @@ def read_spec(spec_file: Path) -> tuple[list[str], re.Pattern[str] | None]:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{spec_file}: not valid YAML: {exc}") from None
     if not isinstance(spec, dict) or "classes" not in spec:
-        raise DatasetError(f"{spec_file}: missing 'classes' (expected e.g. classes: [background, liver])")
+        raise DatasetError(
+            f"{spec_file}: missing 'classes' (expected e.g. classes: [background, liver])"
+        )
     classes = spec["classes"]
-    if (not isinstance(classes, list) or len(classes) < 2
-            or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes)):
+    names_ok = isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)
+    if not names_ok or len(classes) < 2 or len(set(classes)) != len(classes):
         raise DatasetError(
             f"{spec_file}: 'classes' must be a list of at least 2 unique names, background first "
             f"(got {classes!r})"
@@ -54,9 +56,13 @@ def read_spec(spec_file: Path) -> tuple[list[str], re.Pattern[str] | None]:
     try:
         compiled = re.compile(str(pattern))
     except re.error as exc:
-        raise DatasetError(f"{spec_file}: group_pattern {pattern!r} is not a valid regex: {exc}") from None
+        raise DatasetError(
+            f"{spec_file}: group_pattern {pattern!r} is not a valid regex: {exc}"
+        ) from None
     if compiled.groups < 1:
-        raise DatasetError(f"{spec_file}: group_pattern {pattern!r} needs a (group) for the patient id")
+        raise DatasetError(
+            f"{spec_file}: group_pattern {pattern!r} needs a (group) for the patient id"
+        )
     return classes, compiled
 
 
@@ -94,7 +100,9 @@ def _read_image(path: Path) -> np.ndarray:
     return np.asarray(img).astype(np.float32)
 
 
-def _read_mask(path: Path, image_size: tuple[int, ...], image_path: Path, classes: list[str]) -> np.ndarray:
+def _read_mask(
+    path: Path, image_size: tuple[int, ...], image_path: Path, classes: list[str]
+) -> np.ndarray:
     img = _open(path)
     if img.mode not in _INT_MASK_MODES:
         raise DatasetError(
@@ -116,46 +124,55 @@ def _read_mask(path: Path, image_size: tuple[int, ...], image_path: Path, classe
     return mask
 
 
+def _group(stem: str, pattern: re.Pattern[str] | None, path: Path, root: Path) -> str:
+    """The patient id of a stem: the first group of group_pattern, else the stem itself."""
+    if pattern is None:
+        return stem
+    match = pattern.search(stem)
+    if match is None or not match.group(1):
+        raise DatasetError(
+            f"{path}: group_pattern {pattern.pattern!r} in {root / 'dataset.yaml'} does not "
+            "match its stem (expected its first group to give the patient id)"
+        )
+    return match.group(1)
+
+
 @DATASETS.register("folder")
 def build(cfg: DataConfig) -> SegData:
     """Load cfg.root (see the module docstring), resized to cfg.image_size."""
     if not cfg.root:
-        raise DatasetError("data.root is empty: the folder dataset needs a folder with images/, masks/ and dataset.yaml")
+        raise DatasetError(
+            "data.root is empty: the folder dataset needs a folder with images/, masks/ "
+            "and dataset.yaml"
+        )
     root = Path(cfg.root)
     if not root.is_dir():
-        raise DatasetError(f"data.root {root} is not a directory (expected images/, masks/, dataset.yaml)")
+        raise DatasetError(
+            f"data.root {root} is not a directory (expected images/, masks/, dataset.yaml)"
+        )
     for sub in ("images", "masks"):
         if not (root / sub).is_dir():
-            raise DatasetError(f"missing folder {root / sub} (expected PNG files named <stem>.png)")
+            raise DatasetError(f"missing folder {root / sub} (expected <stem>.png files)")
     classes, pattern = read_spec(root / "dataset.yaml")
     images, masks = _list_pngs(root / "images"), _list_pngs(root / "masks")
     if not images:
         raise DatasetError(f"no images in {root / 'images'} (expected <stem>.png files)")
-    for a, b, where in ((images, masks, "masks"), (masks, images, "images")):
-        missing = sorted(set(a) - set(b))
+    for have, other, where in ((images, masks, "masks"), (masks, images, "images")):
+        missing = sorted(set(have) - set(other))
         if missing:
-            kind = "image" if where == "masks" else "mask"
+            kind, expected = ("image" if where == "masks" else "mask"), root / where
             raise DatasetError(
-                f"{kind} {a[missing[0]]} has no matching file {root / where / (missing[0] + '.png')}"
-                f" ({len(missing)} unpaired stem(s): {', '.join(missing[:5])})"
+                f"{kind} {have[missing[0]]} has no matching file {expected / missing[0]}.png "
+                f"({len(missing)} unpaired stem(s): {', '.join(missing[:5])})"
             )
-    out_images, out_masks, groups = [], [], []
-    for stem in sorted(images):
+    ids = sorted(images)
+    groups = [_group(stem, pattern, images[stem], root) for stem in ids]
+    out_images, out_masks = [], []
+    for stem in ids:
         image = _read_image(images[stem])
         mask = _read_mask(masks[stem], image.shape, images[stem], classes)
         image = pad_square(image, float(image.min()))
         image, mask = resize_pair(image, pad_square(mask, 0), cfg.image_size)
         out_images.append(normalise(image))
         out_masks.append(mask)
-        if pattern is None:
-            groups.append(stem)
-            continue
-        match = pattern.search(stem)
-        if match is None or not match.group(1):
-            raise DatasetError(
-                f"{images[stem]}: group_pattern {pattern.pattern!r} in {root / 'dataset.yaml'} "
-                "does not match its stem (expected its first group to give the patient id)"
-            )
-        groups.append(match.group(1))
-    ids = sorted(images)
     return SegData(np.stack(out_images), np.stack(out_masks), groups, ids, classes, "folder")

@@ -31,7 +31,8 @@ _FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
 def template_path(kind: str) -> Path:
     """Path of the nilearn-shipped template file of `kind` ("t1", "gm" or "wm")."""
-    return Path(str(importlib.resources.files("nilearn") / "datasets" / "data" / _FILE.format(kind)))
+    data = importlib.resources.files("nilearn") / "datasets" / "data"
+    return Path(str(data / _FILE.format(kind)))
 
 
 def _read(kind: str) -> np.ndarray:

@@ -34,8 +34,10 @@ def _read_volume(path: Path) -> np.ndarray:
     try:
         data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
     except Exception as exc:  # truncated gzip -> EOFError, zlib.error, nibabel errors, ...
-        raise DatasetError(f"{path}: cannot read the NIfTI volume ({type(exc).__name__}: {exc}); "
-                           "is the file truncated or corrupt?") from None
+        raise DatasetError(
+            f"{path}: cannot read the NIfTI volume ({type(exc).__name__}: {exc}); "
+            "is the file truncated or corrupt?"
+        ) from None
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is still a 3D volume
         data = data[..., 0]
     if data.ndim != 3:
@@ -43,10 +45,14 @@ def _read_volume(path: Path) -> np.ndarray:
     return data
 
 
-def _read_labels(path: Path, shape: tuple[int, ...], image_path: Path, classes: list[str]) -> np.ndarray:
+def _read_labels(
+    path: Path, shape: tuple[int, ...], image_path: Path, classes: list[str]
+) -> np.ndarray:
     labels = _read_volume(path)
     if labels.shape != shape:
-        raise DatasetError(f"{path}: label shape {labels.shape} differs from image {image_path} shape {shape}")
+        raise DatasetError(
+            f"{path}: label shape {labels.shape} differs from image {image_path} shape {shape}"
+        )
     rounded = np.rint(labels)
     if not np.array_equal(rounded, labels):
         raise DatasetError(f"{path}: label volume has non-integer values; expected class indices")
@@ -80,7 +86,9 @@ def _gt_path(image_path: Path) -> Path:
 def build(cfg: DataConfig) -> SegData:
     """All frames of all patients under cfg.root, sliced along the last axis and resized."""
     if not cfg.root:
-        raise DatasetError("data.root is empty: the nifti dataset needs a folder of patient folders")
+        raise DatasetError(
+            "data.root is empty: the nifti dataset needs a folder of patient folders"
+        )
     root = Path(cfg.root)
     if not root.is_dir():
         raise DatasetError(f"data.root {root} is not a directory (expected patientXXX/ folders)")

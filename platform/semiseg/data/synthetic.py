@@ -82,14 +82,14 @@ def make_phantom(index: int, size: int) -> Phantom:
     rng = np.random.default_rng([BASE_SEED, index])
     u = rng.uniform
     # --- scene pose and smooth fields (size-independent draws) ------------------------------
-    angle, scale, shift = u(-0.08, 0.08), u(0.88, 1.08), u(-0.06, 0.06, 2)
+    angle, scale, shift = u(-0.15, 0.15), u(0.82, 1.12), u(-0.1, 0.1, 2)
     warp = _smooth_fields(rng, 3, 4, size)  # dx, dy, bias field
     tex = _smooth_fields(rng, 3, 9, size)  # body, lung, heart textures
     lin = (np.arange(size) + 0.5) / size * 2 - 1
     yy, xx = np.meshgrid(lin, lin, indexing="ij")
     ca, sa = np.cos(angle), np.sin(angle)
-    x = (ca * xx + sa * yy) / scale - shift[0] + 0.05 * warp[0]
-    y = (-sa * xx + ca * yy) / scale - shift[1] + 0.05 * warp[1]
+    x = (ca * xx + sa * yy) / scale - shift[0] + 0.08 * warp[0]
+    y = (-sa * xx + ca * yy) / scale - shift[1] + 0.08 * warp[1]
 
     # --- anatomy --------------------------------------------------------------------------------
     bx = 0.9 * u(0.9, 1.08)
@@ -129,17 +129,17 @@ def make_phantom(index: int, size: int) -> Phantom:
     att = (
         0.5 * u(0.8, 1.2) * body_t * (1 + 0.1 * tex[0])
         + 0.2 * u(0.5, 1.5) * abdomen * body
-        - 0.4 * u(0.7, 1.3) * lung_t * (1 + 0.25 * tex[1])
-        + 0.25 * u(0.7, 1.3) * heart_t * (1 + 0.15 * tex[2])
+        - 0.4 * u(0.45, 1.3) * lung_t * (1 + 0.35 * tex[1])
+        + 0.25 * u(0.5, 1.3) * heart_t * (1 + 0.15 * tex[2])
         + 0.25 * u(0.6, 1.4) * spine_t * vertebrae * body
-        + (0.08 * u(0.5, 1.5) * ribs + 0.18 * u(0.5, 1.5) * clav) * body
+        + (0.08 * u(0.5, 2.0) * ribs + 0.18 * u(0.5, 1.5) * clav) * body
     )
-    att = np.clip(att, 0, None) * (1 + 0.2 * warp[2]) + 0.03
-    att = gaussian_filter(att, sigma=u(0.5, 1.2) * size / 64)
+    att = np.clip(att, 0, None) * (1 + 0.3 * warp[2]) + 0.03
+    att = gaussian_filter(att, sigma=u(0.6, 1.6) * size / 64)
     att = (att / att.max()) ** u(0.6, 1.6)  # gamma: film / detector response varies
     lo, hi = u(0.0, 0.1), u(0.85, 1.0)  # exposure window: some saturation at either end
     img = np.clip((att - lo) / (hi - lo), 0, 1)
-    noise_sigma = u(0.04, 0.1)
+    noise_sigma = u(0.05, 0.15)
     # Per-pixel noise last: its draw count depends on size, nothing after it may.
     img = img + noise_sigma * rng.standard_normal(img.shape)
 

@@ -51,11 +51,12 @@ def _tune_trial(config: dict[str, Any]) -> None:
 
 def run_sweep(cfg: Config, sweep_name: str = "sweep") -> tuple[str, str]:
     """Run the grid and return (tracking uri, parent run id)."""
-    uri = tracking.resolve_uri(cfg.tracking.uri)
     cfg.ray.storage_path = storage_path(cfg.ray.storage_path)  # trials run in other dirs
-    connect(cfg.ray.address)
     trials = expand_grid(cfg)
-    [from_dict(t, source="sweep trial") for t in trials]  # fail before anything starts
+    for trial in trials:  # a bad trial fails here, before any store or Ray session exists
+        from_dict(trial, source="sweep trial")
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    connect(cfg.ray.address)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = tracking.start_run(uri, experiment_id, sweep_name, "sweep",
                                 {"trials": str(len(trials))})
