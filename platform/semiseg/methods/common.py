@@ -1,0 +1,73 @@
+"""Pieces shared by methods: plain functions, not hook objects."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """exp(-5 (1 - t)^2), t = step / rampup_steps clipped to [0, 1] (Laine & Aila 2017)."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(max(step / rampup_steps, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of the (unwrapped) student, to be updated by EMA, never by gradients."""
+    teacher = copy.deepcopy(unwrap(student))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> None:
+    """teacher = a * teacher + (1 - a) * student, a = min(1 - 1/(step + 1), decay).
+
+    The warm-up on `a` is Tarvainen & Valpola's: early on the teacher follows the student
+    closely instead of averaging in its random initial weights. Buffers (BatchNorm running
+    statistics) are copied, as in their code."""
+    alpha = min(1.0 - 1.0 / (step + 1), decay)
+    for t, s in zip(teacher.parameters(), unwrap(student).parameters()):
+        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+    for t, s in zip(teacher.buffers(), unwrap(student).buffers()):
+        t.copy_(s)
+
+
+def confidence_mask(probs: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(max probability, its class, max probability >= threshold) per pixel of (B, C, H, W)."""
+    conf, label = probs.max(dim=1)
+    return conf, label, conf >= threshold
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Cross-entropy averaged over all pixels, counting only those in `mask` (so the loss
+    shrinks, rather than grows noisier, when few pixels qualify)."""
+    loss = F.cross_entropy(logits.float(), target, reduction="none")
+    return (loss * mask.float()).sum() / mask.numel()
+
+
+def joint_forward(model: nn.Module, first: Tensor, second: Tensor,
+                  features: bool = False) -> tuple[Tensor, ...]:
+    """One forward pass over two batches, split back apart.
+
+    One pass, not two: DDP expects a single forward per backward, one larger batch keeps a
+    GPU busier than two small ones, and BatchNorm sees labeled and unlabeled images together.
+    Returns (logits_1, logits_2) or (logits_1, logits_2, features_1, features_2)."""
+    n = first.shape[0]
+    out = model(torch.cat([first, second]), return_features=True) if features else model(torch.cat([first, second]))
+    if features:
+        logits, feats = out
+        return logits[:n], logits[n:], feats[:n], feats[n:]
+    return out[:n], out[n:]

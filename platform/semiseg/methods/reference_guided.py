@@ -1,0 +1,129 @@
+"""Reference-guided pseudo-labels (Seibold, Reiss, Kleesiek & Stiefelhagen, AAAI 2022,
+"Reference-guided Pseudo-Label Generation for Medical Semantic Segmentation", arXiv 2112.00735).
+
+Visually similar regions should share their label. Each step, the labeled images of the batch
+are the reference set: their pixel features (the U-Net's last decoder features, L2-normalised)
+are sampled class-balanced into a bank. Every pixel of an unlabeled image (weak view) takes the
+label of its best-matching reference pixels by cosine similarity (k nearest, similarity-weighted
+vote), and that pseudo-label supervises the model's prediction on the strong view. Labels come
+from matching, not from the model's own classifier, which is how the paper avoids the
+confirmation bias of prediction-based pseudo-labels (see `pseudo_label`).
+
+Matching scales: the bank is capped (`bank_size`, split evenly over classes) and similarities
+are computed in chunks of `chunk_size` query pixels, never as one N x M matrix.
+
+Hyperparameters:
+- k = 1: the paper matches each pixel to its single best-fitting reference pixel.
+- bank_size = 4096: reference pixels per step (class-balanced).
+- similarity_threshold = 0.0: optional minimum cosine similarity of the best match; pixels
+  below it are left out (0 keeps every pixel, as in the paper).
+- unlabeled_weight = 1.0, rampup_steps = 200: weight of the pseudo-label cross-entropy and its
+  sigmoid ramp-up (features of an untrained network match poorly at first).
+- chunk_size = 4096: query pixels per similarity matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from semiseg.methods.base import Batch, Method, StepOutput
+from semiseg.methods.common import joint_forward, masked_cross_entropy, sigmoid_rampup
+from semiseg.methods.losses import segmentation_loss
+from semiseg.methods.registry import register_method
+
+
+@dataclass
+class ReferenceGuidedConfig:
+    k: int = 1
+    """Nearest reference pixels that vote on each unlabeled pixel's label."""
+    bank_size: int = 4096
+    """Reference pixels kept per step, split evenly over the classes present."""
+    similarity_threshold: float = 0.0
+    """Minimum cosine similarity of the best match for a pixel to be used."""
+    unlabeled_weight: float = 1.0
+    """Weight of the pseudo-label cross-entropy after ramp-up."""
+    rampup_steps: int = 200
+    """Steps of the sigmoid ramp-up of unlabeled_weight."""
+    chunk_size: int = 4096
+    """Query pixels per similarity matmul (bounds memory at chunk_size x bank_size)."""
+
+
+def sample_bank(features: Tensor, masks: Tensor, bank_size: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Class-balanced reference pixels: (M, C) normalised features and (M,) labels."""
+    flat = F.normalize(features.detach().float(), dim=1).permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    labels = masks.reshape(-1)
+    per_class = max(1, bank_size // num_classes)
+    keep = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero(as_tuple=True)[0]
+        keep.append(idx[torch.randperm(len(idx), device=idx.device)[:per_class]])
+    keep = torch.cat(keep)
+    return flat[keep], labels[keep]
+
+
+@torch.no_grad()
+def match_labels(query: Tensor, bank: Tensor, bank_labels: Tensor, k: int, num_classes: int,
+                 chunk_size: int) -> tuple[Tensor, Tensor]:
+    """For each (N, C) normalised query feature: the similarity-weighted vote of its k most
+    similar bank features, and the similarity of its best match. Chunked over queries."""
+    k = min(k, len(bank))
+    labels, best = [], []
+    for start in range(0, len(query), chunk_size):
+        sims = query[start:start + chunk_size] @ bank.T           # (chunk, M) only
+        top_sim, top_idx = sims.topk(k, dim=1)
+        votes = torch.zeros(len(sims), num_classes, device=sims.device)
+        votes.scatter_add_(1, bank_labels[top_idx], top_sim.clamp(min=0) + 1e-6)
+        labels.append(votes.argmax(1))
+        best.append(top_sim[:, 0])
+    return torch.cat(labels), torch.cat(best)
+
+
+@register_method(__name__)
+class ReferenceGuided(Method):
+    """Unlabeled pixels take the labels of their nearest labeled reference pixels (features)."""
+
+    Config = ReferenceGuidedConfig
+
+    def __init__(self, model, cfg: ReferenceGuidedConfig, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        self.bank: tuple[Tensor, Tensor] | None = None
+
+    def pseudo_labels(self, unlabeled: Batch) -> tuple[Tensor, Tensor]:
+        bank, bank_labels = self.bank
+        with torch.no_grad():
+            _, feats = self.model(unlabeled.image, return_features=True)
+        b, c, h, w = feats.shape
+        query = F.normalize(feats.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, c)
+        labels, best = match_labels(query, bank, bank_labels, self.cfg.k, self.num_classes,
+                                    self.cfg.chunk_size)
+        used = best >= self.cfg.similarity_threshold
+        return labels.view(b, h, w), used.view(b, h, w)
+
+    def pseudo_loss(self, strong_logits: Tensor, label: Tensor, used: Tensor, step: int) -> Tensor:
+        weight = self.cfg.unlabeled_weight * sigmoid_rampup(step, self.cfg.rampup_steps)
+        return weight * masked_cross_entropy(strong_logits, label, used)
+
+    def unlabeled_loss(self, unlabeled: Batch, step: int) -> Tensor:
+        label, used = self.pseudo_labels(unlabeled)
+        return self.pseudo_loss(self.model(unlabeled.strong), label, used, step)
+
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
+        if unlabeled is None:
+            loss = segmentation_loss(self.model(labeled.image), labeled.mask)
+            return StepOutput(loss, {"loss_sup": loss.item()})
+        logits_l, logits_u, feats_l, _ = joint_forward(self.model, labeled.image, unlabeled.strong,
+                                                       features=True)
+        self.bank = sample_bank(feats_l, labeled.mask, self.cfg.bank_size, self.num_classes)
+        label, used = self.pseudo_labels(unlabeled)
+        loss_sup = segmentation_loss(logits_l, labeled.mask)
+        loss_unsup = self.pseudo_loss(logits_u, label, used, step)
+        return StepOutput(
+            loss_sup + loss_unsup,
+            {"loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item(),
+             "mask_ratio": used.float().mean().item()},
+            pseudo_label=label, pseudo_used=used,
+        )
