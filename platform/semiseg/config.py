@@ -158,8 +158,16 @@ class SweepConfig:
     """Seeds to repeat each setting with."""
     params: dict[str, list[Any]] = field(default_factory=dict)
     """Method hyperparameter grids as 'method.param': [values], e.g. 'pseudo_label.threshold'."""
+    full_supervision: bool = False
+    """Also run supervised at label fraction 1.0 for each seed: the upper bound to compare with."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """fifo runs every trial to the end; asha stops trials whose val Dice lags (Li et al. 2020)."""
+    grace_period: int = 2
+    """ASHA: epochs every trial runs before it can be stopped."""
 
     def __post_init__(self) -> None:
+        if self.grace_period <= 0:
+            raise ConfigError(f"sweep.grace_period={self.grace_period}: expected a positive integer")
         for key in ("methods", "label_fractions", "seeds"):
             if not getattr(self, key):
                 raise ConfigError(f"sweep.{key} is empty: expected at least one value")

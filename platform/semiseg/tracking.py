@@ -122,6 +122,17 @@ class MlflowCallback:
                 self.logger.log_files(Path(tmp), "overlays")
 
 
+def close_open_children(uri: str, experiment_id: str, parent_run_id: str, status: str) -> int:
+    """End every child run of a sweep still marked RUNNING; returns how many were closed."""
+    client = MlflowClient(uri)
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([experiment_id], query, max_results=10000)
+    for run in runs:
+        client.set_tag(run.info.run_id, "semiseg.closed_by", "sweep driver")
+        client.set_terminated(run.info.run_id, status)
+    return len(runs)
+
+
 def search_runs(uri: str, experiment: str, role: str = "trial",
                 parent_run_id: str | None = None) -> pd.DataFrame:
     """Runs of an experiment as a DataFrame (columns params.*, metrics.*, tags.*, status)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from semiseg import tracking
 from semiseg.config import Config, from_dict
@@ -22,24 +23,31 @@ from semiseg.distributed.train import run_tracked_trial
 
 
 def expand_grid(cfg: Config) -> list[dict[str, Any]]:
-    """One plain config dict per trial: methods x their param grids x fractions x seeds."""
+    """One plain config dict per trial: methods x their param grids x fractions x seeds, plus
+    supervised at fraction 1.0 per seed when sweep.full_supervision is on."""
     base = cfg.to_dict()
     trials = []
     for method in cfg.sweep.methods:
+        own = base["method"]["params"] if method == cfg.method.name else {}
         grid = {k.split(".", 1)[1]: v for k, v in cfg.sweep.params.items() if k.startswith(method + ".")}
-        keys = sorted(grid)
-        for values in itertools.product(*(grid[k] for k in keys)):
+        for values in itertools.product(*grid.values()):
+            params = {**own, **dict(zip(grid, values))}
             for fraction, seed in itertools.product(cfg.sweep.label_fractions, cfg.sweep.seeds):
-                trial = copy.deepcopy(base)
-                trial["method"] = {
-                    "name": method,
-                    "params": {**(base["method"]["params"] if method == cfg.method.name else {}),
-                               **dict(zip(keys, values))},
-                }
-                trial["data"]["label_fraction"] = fraction
-                trial["train"]["seed"] = seed
-                trials.append(trial)
-    return trials
+                trials.append(_trial(base, method, params, fraction, seed))
+    if cfg.sweep.full_supervision:
+        full = [_trial(base, "supervised", {}, 1.0, seed) for seed in cfg.sweep.seeds]
+        trials += [t for t in full if t not in trials]
+    # Seed-major order: a partial sweep already compares every method on the first seeds.
+    return sorted(trials, key=lambda t: t["train"]["seed"])
+
+
+def _trial(base: dict[str, Any], method: str, params: dict[str, Any], fraction: float,
+           seed: int) -> dict[str, Any]:
+    trial = copy.deepcopy(base)
+    trial["method"] = {"name": method, "params": params}
+    trial["data"]["label_fraction"] = fraction
+    trial["train"]["seed"] = seed
+    return trial
 
 
 def _tune_trial(config: dict[str, Any]) -> None:
@@ -69,7 +77,8 @@ def run_sweep(cfg: Config, sweep_name: str = "sweep") -> tuple[str, str]:
             tune.with_resources(_tune_trial, {"cpu": 0, "memory": 1e6}),
             param_space={"trial": tune.grid_search(trials), "uri": uri,
                          "experiment_id": experiment_id, "parent_run_id": parent},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ray.max_concurrent_trials),
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ray.max_concurrent_trials,
+                                        scheduler=_scheduler(cfg)),
             run_config=tune.RunConfig(
                 name=f"{sweep_name}-{parent[:8]}", storage_path=cfg.ray.storage_path,
                 callbacks=[SweepProgress(len(trials), cfg.train.epochs)], verbose=0,
@@ -81,5 +90,14 @@ def run_sweep(cfg: Config, sweep_name: str = "sweep") -> tuple[str, str]:
         if errors:
             raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first: {errors[0]}")
     finally:
+        # Trials stopped by ASHA (or killed with their actor) cannot close their own run.
+        tracking.close_open_children(uri, experiment_id, parent, "KILLED")
         logger.end(status)
     return uri, parent
+
+
+def _scheduler(cfg: Config) -> ASHAScheduler | None:
+    if cfg.sweep.scheduler == "fifo":
+        return None
+    return ASHAScheduler(time_attr="training_iteration", metric="val/dice_mean", mode="max",
+                         max_t=cfg.train.epochs, grace_period=min(cfg.sweep.grace_period, cfg.train.epochs))
