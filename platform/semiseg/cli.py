@@ -28,12 +28,21 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
         if name == "sweep":
             s.add_argument("--name", default="", help="name of the sweep's parent MLflow run")
+            s.add_argument("--force", action="store_true",
+                           help="rerun trials that already FINISHED with the same config hash")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("datasets", help="list the registered datasets")
-    r = sub.add_parser("report", help="table of test Dice by method x label fraction")
+    r = sub.add_parser("report", help="test Dice table and an HTML dashboard of an experiment",
+                       description="Print the test Dice table (method x label fraction, mean ± std "
+                       "over seeds) and write an HTML dashboard (label-efficiency curves, per-class "
+                       "Dice/HD95, best configs, pseudo-label quality) that is also logged to the "
+                       "sweep's parent run under artifacts/dashboard.")
     r.add_argument("experiment", nargs="?", default="semiseg", help="MLflow experiment name")
     r.add_argument("--uri", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    r.add_argument("--parent", default=None, help="only the trials of this sweep run id")
+    r.add_argument("--parent", default=None,
+                   help="only the trials of this sweep run id, and log the dashboard to it "
+                        "(default: all trials; logged to the latest sweep run)")
+    r.add_argument("--out", default="", help="dashboard folder (default: ./reports/EXPERIMENT)")
     return p
 
 
@@ -76,18 +85,27 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     name = args.name or f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.time()
-    uri, parent = run_sweep(cfg, name)
-    print(format_table(dice_table(finished_trials(uri, cfg.tracking.experiment, parent))))
-    print(f"sweep {name} (MLflow run {parent}) took {time.time() - start:.0f} s; "
-          f"tracking: {uri}\nbrowse: mlflow ui --backend-store-uri {uri}")
+    out = run_sweep(cfg, name, force=args.force)
+    trials = finished_trials(out.uri, cfg.tracking.experiment, config_hashes=out.config_hashes)
+    print(format_table(dice_table(trials)))
+    print(f"sweep {name} (MLflow run {out.parent_run_id}) took {time.time() - start:.0f} s; "
+          f"tracking: {out.uri}\nbrowse: mlflow ui --backend-store-uri {out.uri}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from semiseg import tracking
-    from semiseg.report import dice_table, finished_trials, format_table
+    from semiseg.dashboard import build_dashboard
+    from semiseg.report import dice_table, format_table
 
     uri = tracking.resolve_uri(args.uri)
-    print(format_table(dice_table(finished_trials(uri, args.experiment, args.parent))))
+    out = Path(args.out) if args.out else Path("reports") / args.experiment
+    board = build_dashboard(uri, args.experiment, out, args.parent)
+    print(format_table(dice_table(board.trials)))
+    print(f"dashboard: {board.index.resolve()}")
+    if board.logged_to:
+        print(f"logged to MLflow run {board.logged_to} (artifacts/dashboard)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,25 +1,73 @@
-"""Runs -> tables: test Dice by method x label fraction, mean ± std over seeds."""
+"""Runs -> tables and figures: test Dice by method x label fraction (mean ± std over seeds),
+per-class Dice/HD95, the best config per method, label-efficiency and pseudo-label curves.
+
+Only finished_trials and pseudo_histories read MLflow (through semiseg.tracking); everything
+else works on plain DataFrames, so it is tested without a store. Figures use matplotlib's
+Figure directly (no pyplot, no display), so they render headless and in threads.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
 import pandas as pd
 
 from semiseg import tracking
 
 DICE = "metrics.test/dice_mean"
+BASE = ["run_id", "method", "label_fraction", "seed", "params", "dice"]
+PSEUDO_KEYS = ["pseudo/dice", "pseudo/coverage"]
 
 
-def finished_trials(uri: str, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
+def finished_trials(uri: str, experiment: str, parent_run_id: str | None = None,
+                    config_hashes: Iterable[str] | None = None) -> pd.DataFrame:
+    """FINISHED trials with test metrics (of one sweep, or of the given config hashes)."""
     runs = tracking.search_runs(uri, experiment, "trial", parent_run_id)
+    return trials_from_runs(runs, config_hashes)
+
+
+def trials_from_runs(runs: pd.DataFrame, config_hashes: Iterable[str] | None = None) -> pd.DataFrame:
+    """One row per finished trial: BASE columns, then every metric under its logged name."""
     if runs.empty or DICE not in runs:
-        return pd.DataFrame(columns=["method", "label_fraction", "seed", "dice"])
-    runs = runs[(runs["status"] == "FINISHED") & runs[DICE].notna()]
-    return pd.DataFrame({
+        return pd.DataFrame(columns=BASE)
+    keep = (runs["status"] == "FINISHED") & runs[DICE].notna()
+    if config_hashes is not None:
+        hashes = runs.get(f"tags.{tracking.CONFIG_HASH_TAG}", pd.Series(None, index=runs.index))
+        keep &= hashes.isin(list(config_hashes))
+    runs = runs[keep]
+    metrics = runs[[c for c in runs.columns if c.startswith("metrics.")]].astype(float)
+    metrics.columns = [c[len("metrics."):] for c in metrics.columns]
+    base = pd.DataFrame({
+        "run_id": runs["run_id"],
         "method": runs["params.method.name"],
         "label_fraction": runs["params.data.label_fraction"].astype(float),
         "seed": runs["params.train.seed"].astype(int),
+        "params": [method_params(row) for _, row in runs.iterrows()],
         "dice": runs[DICE].astype(float),
     })
+    return pd.concat([base, metrics], axis=1).reset_index(drop=True)
+
+
+def method_params(row: pd.Series) -> str:
+    """method.params as sorted JSON, whether logged whole as one JSON string or flattened to
+    method.params.<name> keys (the config flattener does that to a non-empty dict)."""
+    whole = row.get("params.method.params")
+    if isinstance(whole, str) and whole.strip():
+        parsed = _parse(whole)
+        return json.dumps(parsed, sort_keys=True) if isinstance(parsed, dict) else whole
+    prefix = "params.method.params."
+    return json.dumps({k[len(prefix):]: _parse(v) for k, v in row.items()
+                       if k.startswith(prefix) and isinstance(v, str)}, sort_keys=True)
+
+
+def _parse(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def dice_table(trials: pd.DataFrame) -> pd.DataFrame:
@@ -41,3 +89,141 @@ def format_table(table: pd.DataFrame) -> str:
         return "no finished trials with test metrics yet"
     header = "test Dice (mean over foreground classes) by label fraction\n"
     return header + table.to_string(na_rep="-")
+
+
+def summary(trials: pd.DataFrame, value: str = "dice") -> pd.DataFrame:
+    """method, label_fraction, mean, std (0 for a single seed), n: one row per setting."""
+    stats = trials.groupby(["method", "label_fraction"])[value].agg(["mean", "std", "count"])
+    return stats.rename(columns={"count": "n"}).fillna({"std": 0.0}).reset_index()
+
+
+def full_supervision(trials: pd.DataFrame) -> float | None:
+    """Mean test Dice of supervised at label fraction 1.0: the level to close the gap to."""
+    full = trials[(trials["method"] == "supervised") & np.isclose(trials["label_fraction"], 1.0)]
+    return float(full["dice"].mean()) if len(full) else None
+
+
+def cell(values: pd.Series, digits: int = 3) -> str:
+    """'mean ± std' over the finite values ('mean' alone for one value, '-' for none)."""
+    v = pd.to_numeric(values, errors="coerce").astype(float)
+    v = v[np.isfinite(v)]
+    if v.empty:
+        return "-"
+    text = f"{v.mean():.{digits}f}"
+    return text + (f" ± {v.std():.{digits}f}" if len(v) > 1 else "")
+
+
+def per_class_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per method x label fraction: mean and per-class test Dice and HD95 (pixels)."""
+    classes = [c.split("/", 2)[2] for c in trials.columns if c.startswith("test/dice/")]
+    columns = {"Dice (mean)": "test/dice_mean", "HD95 (mean)": "test/hd95_mean"}
+    columns.update({f"Dice {c}": f"test/dice/{c}" for c in classes})
+    columns.update({f"HD95 {c}": f"test/hd95/{c}" for c in classes})
+    rows = []
+    for (method, fraction), group in trials.groupby(["method", "label_fraction"]):
+        row = {"method": method, "label fraction": percent(fraction), "seeds": len(group)}
+        row.update({label: cell(group[key], 3 if label.startswith("Dice") else 1)
+                    for label, key in columns.items() if key in group})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_configs(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per method x label fraction, the method.params with the highest test Dice averaged over
+    seeds: method, label_fraction, params, dice_mean, dice_std, seeds, configs (how many tried)."""
+    stats = (trials.groupby(["method", "label_fraction", "params"])["dice"]
+             .agg(dice_mean="mean", dice_std="std", seeds="count").reset_index())
+    tried = stats.groupby(["method", "label_fraction"])["params"].transform("size")
+    stats = stats.assign(configs=tried)
+    best = stats.loc[stats.groupby(["method", "label_fraction"])["dice_mean"].idxmax()]
+    return best.sort_values(["method", "label_fraction"]).reset_index(drop=True)
+
+
+def _colors(methods: Iterable[str]) -> dict[str, tuple]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods)))}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def plot_label_efficiency(trials: pd.DataFrame, path: Path) -> Path:
+    """Test Dice vs label fraction (log x), one line per method, ± std over seeds as error bars
+    and a band; full supervision as a dashed horizontal line."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    stats = summary(trials)
+    colors = _colors(stats["method"])
+    markers = dict(zip(colors, "osD^vP*X"))  # so that coinciding lines stay distinguishable
+    for method, s in stats.groupby("method"):
+        s = s.sort_values("label_fraction")
+        x, mean, std = s["label_fraction"], s["mean"], s["std"]
+        ax.errorbar(x, mean, yerr=std, marker=markers[method], ms=6, capsize=3, alpha=0.9,
+                    color=colors[method], label=method)
+        ax.fill_between(x, mean - std, mean + std, color=colors[method], alpha=0.15, lw=0)
+    full = full_supervision(trials)
+    if full is not None:
+        ax.axhline(full, ls="--", lw=1.2, color="0.35", label=f"full supervision ({full:.3f})")
+    fractions = sorted(stats["label_fraction"].unique())
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(fractions))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([percent(f) for f in fractions])
+    if len(fractions) == 1:  # a log axis needs some width around a single point
+        ax.set_xlim(fractions[0] / 2, min(fractions[0] * 2, 2.0))
+    ax.set_xlabel("labeled fraction of the training images (log scale)")
+    ax.set_ylabel("test Dice (mean over foreground classes)")
+    ax.set_title("Label efficiency: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path)
+    return Path(path)
+
+
+def pseudo_histories(uri: str, trials: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch pseudo/dice and pseudo/coverage of the trials that logged them."""
+    logged = [k for k in PSEUDO_KEYS if k in trials.columns]
+    run_ids = trials.loc[trials[logged].notna().any(axis=1), "run_id"].tolist() if logged else []
+    return tracking.metric_histories(uri, run_ids, PSEUDO_KEYS)
+
+
+def plot_pseudo_quality(history: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path | None:
+    """pseudo/dice and pseudo/coverage over epochs, one line per method x label fraction
+    (mean over seeds); None (and no file) when no trial logged pseudo-label metrics."""
+    from matplotlib.ticker import MaxNLocator
+
+    history = history[np.isfinite(history["value"].astype(float))]
+    if history.empty:
+        return None
+    curves = (history.merge(trials[["run_id", "method", "label_fraction"]], on="run_id")
+              .groupby(["key", "method", "label_fraction", "step"])["value"].mean().reset_index())
+    colors = _colors(trials["method"])
+    fractions = sorted(curves["label_fraction"].unique())
+    styles = ["-", "--", ":", "-."]
+    fig = _figure(11, 3.9)
+    titles = ("pseudo-label Dice vs hidden masks", "coverage: fraction of unlabeled pixels used")
+    for ax, key, title in zip(fig.subplots(1, 2), PSEUDO_KEYS, titles):
+        for (method, fraction), c in curves[curves["key"] == key].groupby(["method", "label_fraction"]):
+            ax.plot(c["step"], c["value"], marker="o", ms=3, color=colors[method],
+                    ls=styles[fractions.index(fraction) % len(styles)],
+                    label=f"{method} @ {percent(fraction)} labels")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    fig.savefig(path)
+    return Path(path)

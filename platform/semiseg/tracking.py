@@ -122,6 +122,13 @@ class MlflowCallback:
                 self.logger.log_files(Path(tmp), "overlays")
 
 
+def finished_hashes(uri: str, experiment_id: str) -> set[str]:
+    """Config hashes of the experiment's trials that FINISHED: a rerun skips these."""
+    query = f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'"
+    runs = MlflowClient(uri).search_runs([experiment_id], query, max_results=50000)
+    return {r.data.tags[CONFIG_HASH_TAG] for r in runs if CONFIG_HASH_TAG in r.data.tags}
+
+
 def close_open_children(uri: str, experiment_id: str, parent_run_id: str, status: str) -> int:
     """End every child run of a sweep still marked RUNNING; returns how many were closed."""
     client = MlflowClient(uri)
@@ -151,3 +158,25 @@ def search_runs(uri: str, experiment: str, role: str = "trial",
         row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+    """Every logged step of the given metrics (e.g. per-epoch pseudo/dice) of the given runs,
+    as rows (run_id, key, step, value); search_runs only holds each metric's last value."""
+    client = MlflowClient(uri)
+    rows = [{"run_id": run_id, "key": key, "step": m.step, "value": m.value}
+            for run_id in run_ids for key in keys for m in client.get_metric_history(run_id, key)]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def parent_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """The experiment's sweep (parent) runs, latest first: run_id, run_name, status, start_time."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"no MLflow experiment {experiment!r} at {uri}")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", max_results=10000,
+                              order_by=["attributes.start_time DESC"])
+    rows = [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+             "start_time": r.info.start_time} for r in runs]
+    return pd.DataFrame(rows, columns=["run_id", "run_name", "status", "start_time"])

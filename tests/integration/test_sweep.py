@@ -22,7 +22,8 @@ def _children(uri: str, parent: str) -> list:
 
 def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
     cfg = tiny_config("sweep.label_fractions=[0.1,1.0]")
-    uri, parent = run_sweep(cfg, "it-sweep")
+    outcome = run_sweep(cfg, "it-sweep")
+    uri, parent = outcome.uri, outcome.parent_run_id
     client = MlflowClient(uri)
     assert client.get_run(parent).info.status == "FINISHED"
     children = _children(uri, parent)
@@ -50,9 +51,10 @@ def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri:
 
 
 def test_trial_with_two_ddp_workers(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
-    cfg = tiny_config("sweep.label_fractions=[0.5]", "ray.num_workers=2",
+    cfg = tiny_config("sweep.label_fractions=[0.5]", "ray.num_workers=2", "sweep.methods=[mean_teacher]",
                       "ray.max_concurrent_trials=1")
-    uri, parent = run_sweep(cfg, "it-ddp")
+    outcome = run_sweep(cfg, "it-ddp")
+    uri, parent = outcome.uri, outcome.parent_run_id
     (run,) = _children(uri, parent)
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray.world_size"] == "2"
@@ -64,7 +66,8 @@ def test_fractional_gpu_trials_share_one_gpu(ray_local, tmp_path: Path, sqlite_u
     cfg = tiny_config("sweep.label_fractions=[0.25,1.0]", "ray.use_gpu=true",
                       "ray.gpus_per_worker=0.5", "ray.cpus_per_worker=0.5", "ray.backend=gloo",
                       "train.steps_per_epoch=8")
-    uri, parent = run_sweep(cfg, "it-gpu")
+    outcome = run_sweep(cfg, "it-gpu")
+    uri, parent = outcome.uri, outcome.parent_run_id
     runs = _children(uri, parent)
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
     a, b = sorted(runs, key=lambda r: r.info.start_time)

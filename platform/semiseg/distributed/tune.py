@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
@@ -20,6 +21,7 @@ from semiseg.config import Config, from_dict
 from semiseg.distributed.cluster import connect, storage_path
 from semiseg.distributed.progress import SweepProgress
 from semiseg.distributed.train import run_tracked_trial
+from semiseg.errors import SemisegError
 
 
 def expand_grid(cfg: Config) -> list[dict[str, Any]]:
@@ -57,43 +59,67 @@ def _tune_trial(config: dict[str, Any]) -> None:
                       callbacks=[TuneReportCallback()])
 
 
-def run_sweep(cfg: Config, sweep_name: str = "sweep") -> tuple[str, str]:
-    """Run the grid and return (tracking uri, parent run id)."""
+class SweepFailed(SemisegError):
+    """One or more trials of a sweep failed."""
+
+
+@dataclass
+class SweepOutcome:
+    uri: str
+    parent_run_id: str
+    config_hashes: list[str]  # every trial of the grid, run now or earlier
+    skipped: int              # trials already FINISHED with the same config hash
+
+
+def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> SweepOutcome:
+    """Run the grid's trials that have not already FINISHED with the same config hash in this
+    experiment (all of them with force), so a rerun or a nightly job trains only what is new."""
     cfg.ray.storage_path = storage_path(cfg.ray.storage_path)  # trials run in other dirs
     trials = expand_grid(cfg)
-    for trial in trials:  # a bad trial fails here, before any store or Ray session exists
-        from_dict(trial, source="sweep trial")
+    # A bad trial fails here, before any store or Ray session exists.
+    hashes = [from_dict(t, source="sweep trial").config_hash() for t in trials]
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    connect(cfg.ray.address)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    done = set() if force else tracking.finished_hashes(uri, experiment_id)
+    todo = [t for t, h in zip(trials, hashes) if h not in done]
+    print(f"{len(trials)} trials in the grid; {len(trials) - len(todo)} already finished with the "
+          f"same config (skipped{'' if force else '; --force reruns them'}); {len(todo)} to run",
+          flush=True)
     parent = tracking.start_run(uri, experiment_id, sweep_name, "sweep",
-                                {"trials": str(len(trials))})
+                                {"trials": str(len(trials)), "skipped": str(len(trials) - len(todo))})
     logger = tracking.RunLogger(uri, parent)
     logger.log_params(cfg.flat())
+    logger.log_dict(hashes, "config_hashes.json")
     status = "FAILED"
     try:
-        tuner = tune.Tuner(
-            # The trial actor only coordinates; its Train workers hold the CPUs/GPUs.
-            tune.with_resources(_tune_trial, {"cpu": 0, "memory": 1e6}),
-            param_space={"trial": tune.grid_search(trials), "uri": uri,
-                         "experiment_id": experiment_id, "parent_run_id": parent},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ray.max_concurrent_trials,
-                                        scheduler=_scheduler(cfg)),
-            run_config=tune.RunConfig(
-                name=f"{sweep_name}-{parent[:8]}", storage_path=cfg.ray.storage_path,
-                callbacks=[SweepProgress(len(trials), cfg.train.epochs)], verbose=0,
-            ),
-        )
-        results = tuner.fit()
-        errors = [r.error for r in results if r.error is not None]
-        status = "FINISHED" if not errors else "FAILED"
-        if errors:
-            raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first: {errors[0]}")
+        if todo:
+            connect(cfg.ray.address)
+            _run_tuner(cfg, todo, uri, experiment_id, parent, sweep_name)
+        status = "FINISHED"
     finally:
         # Trials stopped by ASHA (or killed with their actor) cannot close their own run.
         tracking.close_open_children(uri, experiment_id, parent, "KILLED")
         logger.end(status)
-    return uri, parent
+    return SweepOutcome(uri, parent, hashes, len(trials) - len(todo))
+
+
+def _run_tuner(cfg: Config, trials: list[dict[str, Any]], uri: str, experiment_id: str,
+               parent: str, sweep_name: str) -> None:
+    tuner = tune.Tuner(
+        # The trial actor only coordinates; its Train workers hold the CPUs/GPUs.
+        tune.with_resources(_tune_trial, {"cpu": 0, "memory": 1e6}),
+        param_space={"trial": tune.grid_search(trials), "uri": uri,
+                     "experiment_id": experiment_id, "parent_run_id": parent},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ray.max_concurrent_trials,
+                                    scheduler=_scheduler(cfg)),
+        run_config=tune.RunConfig(
+            name=f"{sweep_name}-{parent[:8]}", storage_path=cfg.ray.storage_path,
+            callbacks=[SweepProgress(len(trials), cfg.train.epochs)], verbose=0,
+        ),
+    )
+    errors = [r.error for r in tuner.fit() if r.error is not None]
+    if errors:
+        raise SweepFailed(f"{len(errors)} of {len(trials)} trials failed; first: {errors[0]}")
 
 
 def _scheduler(cfg: Config) -> ASHAScheduler | None:

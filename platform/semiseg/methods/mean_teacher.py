@@ -46,17 +46,17 @@ class MeanTeacher(Method):
         super().__init__(model, cfg, num_classes)
         self.teacher = make_teacher(model)
 
-    def consistency(self, student_logits: Tensor, unlabeled: Batch, step: int) -> Tensor:
+    def consistency(self, student_logits: Tensor, unlabeled: Batch, step: int) -> tuple[Tensor, Tensor]:
         """Ramped softmax-MSE between the student on the strong view and the teacher on the
-        weak view of the same pixels; gradient flows to the student only."""
+        weak view of the same pixels (gradient to the student only), and the teacher's labels."""
         with torch.no_grad():
             self.teacher.train()  # same BN mode as the student, as in the reference code
             target = self.teacher(unlabeled.image).float().softmax(1)
         weight = self.cfg.consistency_weight * sigmoid_rampup(step, self.cfg.rampup_steps)
-        return weight * ((student_logits.float().softmax(1) - target) ** 2).mean()
+        return weight * ((student_logits.float().softmax(1) - target) ** 2).mean(), target.argmax(1)
 
     def unlabeled_loss(self, unlabeled: Batch, step: int) -> Tensor:
-        return self.consistency(self.model(unlabeled.strong), unlabeled, step)
+        return self.consistency(self.model(unlabeled.strong), unlabeled, step)[0]
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         if unlabeled is None:
@@ -64,9 +64,11 @@ class MeanTeacher(Method):
             return StepOutput(loss_sup, {"loss_sup": loss_sup.item()})
         logits_l, logits_u = joint_forward(self.model, labeled.image, unlabeled.strong)
         loss_sup = segmentation_loss(logits_l, labeled.mask)
-        loss_unsup = self.consistency(logits_u, unlabeled, step)
+        loss_unsup, teacher_label = self.consistency(logits_u, unlabeled, step)
+        # Soft targets on every pixel: the teacher's argmax is what quality tracking scores.
         return StepOutput(loss_sup + loss_unsup,
-                          {"loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item()})
+                          {"loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item()},
+                          pseudo_label=teacher_label)
 
     def after_optimizer_step(self, step: int) -> None:
         ema_update(self.teacher, self.model, self.cfg.ema_decay, step)

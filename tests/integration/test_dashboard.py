@@ -1,0 +1,90 @@
+"""A real sweep -> `semiseg report`'s dashboard -> headless Chromium: the page loads its images,
+shows a row per method, and a copy sits in the sweep's parent run in MLflow."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from semiseg.cli import main
+from semiseg.dashboard import build_dashboard
+from semiseg.distributed.tune import run_sweep
+from semiseg.errors import ConfigError
+
+pytestmark = pytest.mark.integration
+CHROMIUM = "/usr/bin/chromium"
+METHODS = {"supervised", "pseudo_label"}
+
+
+def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+    out = subprocess.run([CHROMIUM, *flags, *args, page.as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _rows(dom: str, table_id: str) -> list[str]:
+    table = re.search(rf'<table[^>]*id="{table_id}".*?</table>', dom, re.S)
+    assert table, f"no table {table_id} in the page"
+    return re.findall(r"<tr>(.*?)</tr>", re.search(r"<tbody>(.*?)</tbody>", table.group(0), re.S).group(1), re.S)
+
+
+def test_dashboard_of_a_real_sweep(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config,
+                                   capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConfigError, match="no MLflow experiment 'quickstart'"):
+        build_dashboard(sqlite_uri, "quickstart", tmp_path / "none")
+    # Enough training (seconds per trial) for Dice well above 0, so the curves show something.
+    cfg = tiny_config("sweep.methods=[supervised,pseudo_label]", "sweep.label_fractions=[0.1,1.0]",
+                      "sweep.params={pseudo_label.threshold: [0.5]}", "model.base_channels=8",
+                      "train.epochs=4", "train.steps_per_epoch=25")
+    outcome = run_sweep(cfg, "it-dashboard")
+    out = tmp_path / "reports"
+
+    # The command a user runs; the parent defaults to the latest sweep run.
+    assert main(["report", "quickstart", "--uri", sqlite_uri, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test Dice" in printed and f"logged to MLflow run {outcome.parent_run_id}" in printed
+    assert {"index.html", "label_efficiency.png", "pseudo_quality.png"} <= {p.name for p in out.iterdir()}
+    client = MlflowClient(outcome.uri)
+    logged = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "dashboard")}
+    assert {"index.html", "label_efficiency.png", "pseudo_quality.png"} <= logged
+
+    profile = tmp_path / "chromium-profile"
+    dom = _chromium(out / "index.html", profile, "--dump-dom").stdout
+    total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
+    assert loaded == total >= 2
+    dice_rows = _rows(dom, "dice-table")
+    assert len(dice_rows) == len(METHODS) and all(any(m in r for r in dice_rows) for m in METHODS)
+    best_rows = _rows(dom, "best-configs")
+    assert {m for m in METHODS if any(f"<td>{m}</td>" in r for r in best_rows)} == METHODS
+    assert len(best_rows) == 4 and "threshold" in "".join(best_rows)
+    assert len(_rows(dom, "per-class")) == 4
+
+    shot = tmp_path / "dashboard.png"
+    _chromium(out / "index.html", profile, f"--screenshot={shot}", "--window-size=1280,2000",
+              "--hide-scrollbars")
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    shutil.copy(shot, "/tmp/dashboard.png")  # for a person to look at
+
+
+def test_report_without_finished_trials_is_a_clear_error(tmp_path: Path, sqlite_uri: str) -> None:
+    from semiseg import tracking
+
+    tracking.ensure_experiment(sqlite_uri, "empty")
+    with pytest.raises(ConfigError, match="no FINISHED trials"):
+        build_dashboard(sqlite_uri, "empty", tmp_path / "out")
+    assert main(["report", "empty", "--uri", sqlite_uri, "--out", str(tmp_path / "o")]) == 2

@@ -1,0 +1,215 @@
+"""No method can reach the hidden masks of the unlabeled images.
+
+The engine keeps the unlabeled images' masks (`SplitTensors.hidden_unlabeled_masks`) only to
+score pseudo-labels. For every registered method this runs real training epochs through the
+engine's `Trainer` and checks what the method received and what it kept:
+
+- every unlabeled Batch it is handed has `mask=None` and indices from `split.unlabeled` only,
+  and labeled batches come from `split.labeled`, which is disjoint from `split.unlabeled`;
+- afterwards, walking everything the method object holds (attributes, dicts, lists, tuples,
+  modules' parameters and buffers, dataclasses) finds no tensor sharing storage with the hidden
+  masks, no tensor equal to any (non-constant) hidden mask, and no reference to the engine's
+  split tensors, dataset or trainer;
+- a method is built from (model, cfg, num_classes) only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from semiseg.config import load_config
+from semiseg.data import SegData, load_dataset
+from semiseg.data.sampling import SplitTensors, Subset
+from semiseg.data.splits import Split, make_split
+from semiseg.engine import Trainer
+from semiseg.methods import METHODS, Batch, Method
+from semiseg.pseudo_quality import PseudoLabelScore
+
+TINY = [
+    "data.image_size=32", "data.num_images=40", "data.batch_size=4", "data.label_fraction=0.25",
+    "model.base_channels=4", "model.depth=2", "train.epochs=2", "train.steps_per_epoch=3",
+    "train.device=cpu",
+]
+# Method params that make two short epochs exercise each method's unlabeled path.
+PARAMS = {"local_contrastive": ["method.params.refresh_epochs=1"]}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset() -> tuple[SegData, Split]:
+    cfg = load_config(None, TINY)
+    data = load_dataset(cfg.data)
+    split = make_split(data, cfg.data, cfg.train.seed)
+    assert split.unlabeled and split.labeled
+    return data, split
+
+
+FORBIDDEN = (SplitTensors, Subset, SegData, Split, Trainer, PseudoLabelScore)
+
+
+def walk(obj, path: str, seen: set[int], tensors: list[tuple[str, Tensor]],
+         forbidden: list[str]) -> None:
+    """Everything reachable from `obj` through containers, modules and semiseg objects."""
+    if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, FORBIDDEN):
+        forbidden.append(f"{path}: {type(obj).__name__}")
+        return
+    if isinstance(obj, Tensor):
+        tensors.append((path, obj))
+        return
+    if isinstance(obj, nn.Module):
+        for name, t in obj.named_parameters():
+            tensors.append((f"{path}.{name}", t))
+        for name, t in obj.named_buffers():
+            tensors.append((f"{path}.{name}", t))
+        for key, value in vars(obj).items():
+            walk(value, f"{path}.{key}", seen, tensors, forbidden)
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            walk(key, f"{path}[key]", seen, tensors, forbidden)
+            walk(value, f"{path}[{key!r}]", seen, tensors, forbidden)
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        for i, value in enumerate(obj):
+            walk(value, f"{path}[{i}]", seen, tensors, forbidden)
+        return
+    if dataclasses.is_dataclass(obj) or type(obj).__module__.startswith("semiseg"):
+        for key, value in vars(obj).items():
+            walk(value, f"{path}.{key}", seen, tensors, forbidden)
+        return
+    if callable(obj) and not isinstance(obj, type):
+        # a function or bound method stored on the method could close over anything
+        forbidden.append(f"{path}: callable {obj!r}")
+
+
+def matches_hidden(t: Tensor, hidden: Tensor, informative: Tensor) -> bool:
+    """True if t, read as a stack of H x W maps, contains one equal to an informative mask."""
+    h, w = hidden.shape[-2:]
+    if t.numel() == 0 or t.numel() % (h * w) or t.is_complex():
+        return False
+    maps = t.detach().reshape(-1, h, w)
+    if maps.is_floating_point() and not torch.equal(maps, maps.round()):
+        return False
+    maps = maps.to(torch.long)
+    targets = hidden[informative]
+    return bool((maps[:, None] == targets[None]).flatten(2).all(-1).any())
+
+
+def storage_ptr(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_constructor_takes_model_cfg_num_classes_only(name: str) -> None:
+    cls = METHODS.get(name)
+    params = list(inspect.signature(cls.__init__).parameters.values())
+    assert [p.name for p in params] == ["self", "model", "cfg", "num_classes"]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params), params
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_no_method_reaches_hidden_masks(name: str, dataset) -> None:
+    data, split = dataset
+    cfg = load_config(None, [*TINY, f"method.name={name}", *PARAMS.get(name, [])])
+    trainer = Trainer(cfg, data, split, CPU)
+    method = trainer.method
+    cls = METHODS.get(name)
+
+    # The engine built the method from (model, cfg, num_classes), nothing more.
+    assert isinstance(method, cls) and isinstance(method, Method)
+    assert method.model is trainer.model
+    assert type(method.cfg) is cls.Config
+    assert method.num_classes == data.num_classes and type(method.num_classes) is int
+
+    hidden = trainer.tensors.hidden_unlabeled_masks
+    assert hidden is not None and hidden.shape[0] == len(split.unlabeled)
+    assert trainer.tensors.unlabeled.masks is None
+    informative = torch.tensor([len(m.unique()) > 1 for m in hidden])
+    assert informative.any(), "no hidden mask with more than one class to look for"
+
+    received: list[tuple[Batch, Batch | None]] = []
+    original = method.training_step
+
+    def recording_step(labeled, unlabeled, step):
+        received.append((labeled, unlabeled))
+        return original(labeled, unlabeled, step)
+
+    method.training_step = recording_step
+    try:
+        for epoch in range(cfg.train.epochs):
+            trainer.run_epoch(epoch)
+    finally:
+        del method.training_step  # drop the recorder (and the batches its closure holds)
+    assert len(received) == cfg.train.epochs * cfg.train.steps_per_epoch
+
+    labeled_ids, unlabeled_ids = set(split.labeled), set(split.unlabeled)
+    assert not labeled_ids & unlabeled_ids
+    batch_fields = {f.name for f in dataclasses.fields(Batch)}
+    for labeled, unlabeled in received:
+        assert set(labeled.index.tolist()) <= labeled_ids
+        assert labeled.mask is not None and storage_ptr(labeled.mask) != storage_ptr(hidden)
+        if not cls.uses_unlabeled:
+            assert unlabeled is None
+            continue
+        assert unlabeled is not None
+        assert unlabeled.mask is None
+        assert set(vars(unlabeled)) == batch_fields  # nothing smuggled alongside
+        assert set(unlabeled.index.tolist()) <= unlabeled_ids
+        for t in (unlabeled.image, unlabeled.strong):
+            assert storage_ptr(t) != storage_ptr(hidden)
+
+    # What the method holds after training.
+    tensors: list[tuple[str, Tensor]] = []
+    forbidden: list[str] = []
+    walk(method, name, set(), tensors, forbidden)
+    walk(method.state_dict(), f"{name}.state_dict()", set(), tensors, forbidden)
+    assert not forbidden, forbidden
+    assert tensors, "the walk found no tensor at all"
+    assert any(t is p for _, t in tensors for p in trainer.model.parameters())
+    hidden_ptr = storage_ptr(hidden)
+    for path, t in tensors:
+        assert storage_ptr(t) != hidden_ptr, f"{path} shares storage with the hidden masks"
+        assert not matches_hidden(t, hidden, informative), f"{path} equals a hidden mask"
+
+
+def test_walker_catches_a_leak(dataset) -> None:
+    """The checks above can fail: a method that kept a hidden mask, or a view of the hidden
+    tensor, or the split tensors themselves, is caught."""
+    data, split = dataset
+    cfg = load_config(None, [*TINY, "method.name=supervised"])
+    trainer = Trainer(cfg, data, split, CPU)
+    hidden = trainer.tensors.hidden_unlabeled_masks
+    informative = torch.tensor([len(m.unique()) > 1 for m in hidden])
+    i = int(informative.nonzero()[0])
+
+    def found(stash) -> tuple[list[str], list[str]]:
+        trainer.method.stash = stash
+        tensors, forbidden = [], []
+        walk(trainer.method, "m", set(), tensors, forbidden)
+        del trainer.method.stash
+        shared = [p for p, t in tensors if storage_ptr(t) == storage_ptr(hidden)]
+        equal = [p for p, t in tensors if matches_hidden(t, hidden, informative)]
+        return shared + equal, forbidden
+
+    assert found(None) == ([], [])
+    assert found({"x": [hidden[i].clone()]})[0]                  # a copy of one mask
+    assert found((hidden[i].flatten().float().clone(),))[0]      # flattened, as floats
+    assert found(hidden[3:5])[0]                                 # a view of the hidden tensor
+    assert found(trainer.tensors)[1]                             # the engine's split tensors
+    assert found(lambda: hidden)[1]                              # a closure
