@@ -10,7 +10,8 @@ from semiseg.config import Config, load_config
 from semiseg.errors import ConfigError, RegistryError, SemisegError
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((REPO / "experiments").glob("**/*.yaml"))
+# Experiment configs; experiments/schedules/ holds Kubernetes manifests (tests/test_schedules.py).
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("**/*.yaml") if "schedules" not in p.parts)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ engine's `Trainer` and checks what the method received and what it kept:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import types
 
 import pytest
 import torch
@@ -93,9 +95,21 @@ def walk(obj, path: str, seen: set[int], tensors: list[tuple[str, Tensor]],
         for key, value in vars(obj).items():
             walk(value, f"{path}.{key}", seen, tensors, forbidden)
         return
-    if callable(obj) and not isinstance(obj, type):
-        # a function or bound method stored on the method could close over anything
-        forbidden.append(f"{path}: callable {obj!r}")
+    # Functions and bound methods stored on the method: follow what they close over.
+    if isinstance(obj, types.MethodType):
+        walk(obj.__self__, f"{path}.__self__", seen, tensors, forbidden)
+        walk(obj.__func__, f"{path}.__func__", seen, tensors, forbidden)
+    elif isinstance(obj, types.FunctionType):
+        for i, cell in enumerate(obj.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            walk(value, f"{path}.<closure {i}>", seen, tensors, forbidden)
+        walk(obj.__defaults__, f"{path}.__defaults__", seen, tensors, forbidden)
+        walk(obj.__kwdefaults__, f"{path}.__kwdefaults__", seen, tensors, forbidden)
+    elif isinstance(obj, functools.partial):
+        walk((obj.func, obj.args, obj.keywords), f"{path}.<partial>", seen, tensors, forbidden)
 
 
 def matches_hidden(t: Tensor, hidden: Tensor, informative: Tensor) -> bool:
@@ -212,4 +226,7 @@ def test_walker_catches_a_leak(dataset) -> None:
     assert found((hidden[i].flatten().float().clone(),))[0]      # flattened, as floats
     assert found(hidden[3:5])[0]                                 # a view of the hidden tensor
     assert found(trainer.tensors)[1]                             # the engine's split tensors
-    assert found(lambda: hidden)[1]                              # a closure
+    assert found(lambda: hidden)[0]                              # a closure over the masks
+    tensors = trainer.tensors
+    assert found(functools.partial(print, lambda: tensors))[1]   # ... over the split tensors
+    assert found(torch.nn.functional.cross_entropy) == ([], [])  # a plain function is fine

@@ -110,8 +110,9 @@ class TrainConfig:
 
 @dataclass
 class RayConfig:
-    address: str = "local"
-    """'local' starts Ray in-process; 'auto' or 'ray://host:10001' joins a cluster."""
+    address: str = ""
+    """'' joins $RAY_ADDRESS when set (as inside `ray job submit`), else starts a local Ray;
+    'local' always starts one; 'auto' or 'host:port' joins that cluster."""
     num_workers: int = 1
     """Ray Train workers per trial (DDP across them)."""
     use_gpu: bool = False

@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,12 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, SemisegError
+
+
+class TrackingUnavailable(SemisegError):
+    """The tracking server cannot be reached."""
+
 
 CONFIG_HASH_TAG = "semiseg.config_hash"
 ROLE_TAG = "semiseg.role"  # "sweep" for a parent run, "trial" for a child run
@@ -45,6 +51,20 @@ def resolve_uri(configured: str = "") -> str:
     )
 
 
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer (MLflow's own client
+    would retry for minutes first)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it, or set "
+            "tracking.uri / MLFLOW_TRACKING_URI to a reachable server"
+        ) from None
+
+
 def _artifact_location(uri: str) -> str | None:
     """Next to a local sqlite store, as an absolute path; a server chooses its own."""
     if uri.startswith("sqlite:///"):
@@ -54,6 +74,7 @@ def _artifact_location(uri: str) -> str | None:
 
 def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating it (in the driver) with an absolute artifact location."""
+    check_reachable(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,6 +61,61 @@ def _free_placement_groups(request):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    gcs_address: str
+    dashboard_url: str
+
+
+@pytest.fixture
+def ray_head():
+    """A real Ray head from `ray start --head --block` in its own session, with the dashboard
+    on 127.0.0.1 (Ray Jobs need it). It is stopped by its own process group, never by
+    `ray stop`, which would end every Ray on the machine."""
+    port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # Ray's socket paths are capped
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs run `semiseg`
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--disable-usage-stats", "--block", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: _listening(port) and _listening(dash), head, "ray head")
+        yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_for(ready, proc: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} while starting")
+        if time.time() > deadline:
+            pytest.fail(f"{what} did not come up in {timeout_s:.0f} s")
         time.sleep(0.5)
 
 
