@@ -38,7 +38,7 @@ def test_ray_job_submit_from_a_fresh_clone(ray_head, tmp_path: Path, tiny_overri
     assert submit.returncode == 0, submit.stderr
     deadline = time.time() + 480
     while True:
-        status = _ray("job", "status", "--address", ray_head.dashboard_url, "semiseg-it").stdout
+        status = _ray("job", "status", "--address", ray_head.dashboard_url, "semiseg-it").stdout.upper()
         if "SUCCEEDED" in status or "FAILED" in status or time.time() > deadline:
             break
         time.sleep(3)

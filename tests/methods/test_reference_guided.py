@@ -265,12 +265,8 @@ def test_threshold_below_every_similarity_uses_every_pixel() -> None:
 
 
 
-AMP_BUG = ("source bug: under bf16 autocast (the engine's default on CUDA, train.amp=True) the "
-           "similarities are bf16 and votes.scatter_add_ into float32 votes raises 'scatter(): "
-           "Expected self.dtype to be equal to src.dtype'. Remove this marker once fixed.")
+# bf16 autocast is the engine's default on CUDA (train.amp=True); CPU autocast reproduces it.
 
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=AMP_BUG)
 @pytest.mark.parametrize("k", [1, 3])
 def test_match_labels_under_bf16_autocast(k: int) -> None:
     g = torch.Generator().manual_seed(0)
@@ -284,7 +280,6 @@ def test_match_labels_under_bf16_autocast(k: int) -> None:
     assert (labels == expected).float().mean() > 0.9  # bf16 may flip near-ties only
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=AMP_BUG)
 def test_training_step_under_bf16_autocast() -> None:
     method = build()
     labeled, unlabeled = batches()

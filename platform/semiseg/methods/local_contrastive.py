@@ -14,8 +14,8 @@ Hyperparameters (the official code's defaults where it has them):
 - samples_per_class = 64: pixels sampled per class per step for the contrastive loss.
 - refresh_epochs = 2: epochs between pseudo-label refreshes (one self-training round each).
 - rounds = 5: number of refreshes; after the last, the pseudo-labeller stays fixed.
-- Before the first refresh the snapshot is the initial model, so epoch 0 contrasts labeled
-  pixels only (the paper also starts from a model trained on the labeled set).
+- Until the first refresh (epochs 0 .. refresh_epochs - 1) only labeled pixels are contrasted:
+  the paper, too, first trains on the labeled set before pseudo-labelling.
 """
 
 from __future__ import annotations

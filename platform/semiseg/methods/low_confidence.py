@@ -134,7 +134,8 @@ class LowConfidence(Method):
         return self.teacher
 
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.state_dict(), "prototypes": self.prototypes}
+        prototypes = None if self.prototypes is None else self.prototypes.clone()
+        return {"teacher": self.teacher.state_dict(), "prototypes": prototypes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.teacher.load_state_dict(state["teacher"])

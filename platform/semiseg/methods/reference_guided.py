@@ -14,7 +14,8 @@ are computed in chunks of `chunk_size` query pixels, never as one N x M matrix.
 
 Hyperparameters:
 - k = 1: the paper matches each pixel to its single best-fitting reference pixel.
-- bank_size = 2048: reference pixels per step (class-balanced; cost grows linearly with it).
+- bank_size = 2048: reference pixels per step, up to bank_size // num_classes per class
+  (cost grows linearly with it).
 - similarity_threshold = 0.0: optional minimum cosine similarity of the best match; pixels
   below it are left out (0 keeps every pixel, as in the paper).
 - unlabeled_weight = 1.0, rampup_steps = 200: weight of the pseudo-label cross-entropy and its
@@ -41,7 +42,7 @@ class ReferenceGuidedConfig:
     k: int = 1
     """Nearest reference pixels that vote on each unlabeled pixel's label."""
     bank_size: int = 2048
-    """Reference pixels kept per step, split evenly over the classes present."""
+    """Reference pixels kept per step: up to bank_size // num_classes of each class."""
     similarity_threshold: float = 0.0
     """Minimum cosine similarity of the best match for a pixel to be used."""
     unlabeled_weight: float = 1.0
@@ -79,7 +80,7 @@ def match_labels(query: Tensor, bank: Tensor, bank_labels: Tensor, k: int, num_c
         else:
             top_sim, top_idx = sims.topk(k, dim=1)
         votes = torch.zeros(len(sims), num_classes, device=sims.device)
-        votes.scatter_add_(1, bank_labels[top_idx], top_sim.clamp(min=0) + 1e-6)
+        votes.scatter_add_(1, bank_labels[top_idx], top_sim.float().clamp(min=0) + 1e-6)  # bf16 under AMP
         labels.append(votes.argmax(1))
         best.append(top_sim[:, 0])
     return torch.cat(labels), torch.cat(best)
