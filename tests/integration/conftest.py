@@ -76,7 +76,7 @@ class RayHead:
     dashboard_url: str
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ray_head():
     """A real Ray head from `ray start --head --block` in its own session, with the dashboard
     on 127.0.0.1 (Ray Jobs need it). It is stopped by its own process group, never by

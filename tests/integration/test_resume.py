@@ -1,5 +1,5 @@
-"""Idempotent, resumable sweeps: a rerun trains only trials not yet FINISHED with the same
-config hash, whether the first run completed or its driver was killed partway."""
+"""Resumable sweeps: after the driver is killed partway, a rerun trains only the trials not yet
+FINISHED with the same config hash (a completed sweep rerun is in test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from semiseg import tracking
-from semiseg.distributed.tune import run_sweep
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -31,23 +30,6 @@ def _finished_by_hash(uri: str, experiment: str) -> collections.Counter:
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and "
                               f"tags.`{tracking.ROLE_TAG}` = 'trial'")
     return collections.Counter(r.data.tags[tracking.CONFIG_HASH_TAG] for r in runs)
-
-
-def test_same_sweep_twice_trains_nothing_the_second_time(ray_local, tiny_config, sqlite_uri) -> None:
-    cfg = tiny_config("sweep.label_fractions=[0.25,1.0]")
-    first = run_sweep(cfg, "first")
-    assert first.skipped == 0
-    second = run_sweep(tiny_config("sweep.label_fractions=[0.25,1.0]"), "second")
-    assert second.skipped == 2
-    assert second.config_hashes == first.config_hashes
-    client = MlflowClient(sqlite_uri)
-    exp = client.get_experiment_by_name("quickstart")
-    assert client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{second.parent_run_id}'") == []
-    assert client.get_run(second.parent_run_id).info.status == "FINISHED"
-    assert set(_finished_by_hash(sqlite_uri, "quickstart").values()) == {1}
-    forced = run_sweep(tiny_config("sweep.label_fractions=[0.25]"), "forced", force=True)
-    assert forced.skipped == 0
-    assert max(_finished_by_hash(sqlite_uri, "quickstart").values()) == 2
 
 
 def _sweep_cmd(tiny_overrides: list[str], uri: str, tmp: Path) -> list[str]:

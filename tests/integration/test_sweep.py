@@ -49,6 +49,14 @@ def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri:
     hashes = {c.data.tags[tracking.CONFIG_HASH_TAG] for c in children}
     assert len(hashes) == 2  # label fraction is part of a run's identity
 
+    # The same sweep again trains nothing; --force trains again.
+    again = run_sweep(tiny_config("sweep.label_fractions=[0.1,1.0]"), "it-again")
+    assert again.skipped == 2 and set(again.config_hashes) == hashes
+    assert _children(uri, again.parent_run_id) == []
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
+    forced = run_sweep(tiny_config("sweep.label_fractions=[1.0]"), "it-forced", force=True)
+    assert forced.skipped == 0 and len(_children(uri, forced.parent_run_id)) == 1
+
 
 def test_trial_with_two_ddp_workers(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
     cfg = tiny_config("sweep.label_fractions=[0.5]", "ray.num_workers=2", "sweep.methods=[mean_teacher]",
