@@ -57,7 +57,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     trainers = {m: build(m, args, device) for m in METHODS.names()}
-    for m, t in trainers.items():  # warm-up, past every ramp-up start
+    for m, t in trainers.items():  # warm-up: past every ramp-up and first pseudo-label refresh
+        for epoch in range(5):
+            t.method.on_epoch_start(epoch)
         time_steps(t, 3, 1000, device)
     samples: dict[str, list[float]] = {m: [] for m in trainers}
     for r in range(args.rounds):
