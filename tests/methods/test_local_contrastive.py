@@ -11,7 +11,7 @@ import torch
 
 from semiseg.methods import Batch
 from semiseg.methods.local_contrastive import (
-    LocalContrastive, LocalContrastiveConfig, pixel_contrastive_loss, sample_per_class,
+    LocalContrastive, LocalContrastiveConfig, pixel_contrastive_loss, sample_per_class_pixels,
 )
 from semiseg.models import create_model
 
@@ -115,7 +115,7 @@ def test_sample_per_class_caps_each_class() -> None:
     labels = labels.view(1, 1, len(labels))             # (B, H, W)
     feats = torch.randn(1, 4, 1, labels.shape[-1])
     feats[:, 0] = labels.float() * 1000 + torch.arange(labels.shape[-1]).float()  # label + position
-    out, out_labels = sample_per_class(feats, labels, per_class=8)
+    out, out_labels = sample_per_class_pixels(feats, labels, per_class=8)
     assert torch.bincount(out_labels).tolist() == [8, 8, 3]
     assert out.shape == (19, 4)
     # each row is a real pixel of its class, none drawn twice
@@ -123,13 +123,13 @@ def test_sample_per_class_caps_each_class() -> None:
     assert torch.equal(labels.view(-1)[pos], out_labels)
     assert torch.equal((out[:, 0] // 1000).long(), out_labels)
     assert len(pos.unique()) == len(pos)
-    everything, _ = sample_per_class(feats, labels, per_class=1000)
+    everything, _ = sample_per_class_pixels(feats, labels, per_class=1000)
     assert len(everything) == labels.numel()
 
 
 def test_sample_per_class_keeps_gradient_path() -> None:
     feats = torch.randn(2, 3, 4, 4, requires_grad=True)
-    out, _ = sample_per_class(feats, torch.randint(0, 2, (2, 4, 4)), 5)
+    out, _ = sample_per_class_pixels(feats, torch.randint(0, 2, (2, 4, 4)), 5)
     out.sum().backward()
     assert feats.grad.abs().sum() > 0
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from semiseg.methods.base import Batch, Method, StepOutput
+from semiseg.methods.losses import segmentation_loss
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -71,3 +75,57 @@ def joint_forward(model: nn.Module, first: Tensor, second: Tensor,
     (logits_1, feats_1), (logits_2, feats_2) = (model(first, return_features=True),
                                                 model(second, return_features=True))
     return logits_1, logits_2, feats_1, feats_2
+
+
+def sample_per_class(labels: Tensor, per_class: int) -> Tensor:
+    """Flat indices of up to `per_class` random pixels of each label present in `labels`."""
+    flat = labels.reshape(-1)
+    keep = []
+    for c in flat.unique():
+        idx = (flat == c).nonzero(as_tuple=True)[0]
+        keep.append(idx[torch.randperm(len(idx), device=idx.device)[:per_class]])
+    return torch.cat(keep)
+
+
+def pixels(features: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B*H*W, C), rows in the order of a flattened (B, H, W) label map."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+class WeakToStrongSelfTraining(Method):
+    """The shared step of methods whose hard pseudo-labels, made on the weak view, supervise the
+    model's prediction on the strong view: subclasses say how labels are made
+    (`pseudo_labels`), and may look at the labeled pass's features first (`observe_labeled`).
+    Their Config has `unlabeled_weight` and `rampup_steps`."""
+
+    @abstractmethod
+    def pseudo_labels(self, unlabeled: Batch) -> tuple[Tensor, Tensor]:
+        """(labels, used-pixel mask) for the unlabeled batch, without gradient."""
+
+    def observe_labeled(self, features: Tensor, mask: Tensor) -> None:
+        """Called with the labeled pass's pixel features before pseudo-labelling."""
+
+    def pseudo_loss(self, strong_logits: Tensor, label: Tensor, used: Tensor, step: int) -> Tensor:
+        weight = self.cfg.unlabeled_weight * sigmoid_rampup(step, self.cfg.rampup_steps)
+        return weight * masked_cross_entropy(strong_logits, label, used)
+
+    def unlabeled_loss(self, unlabeled: Batch, step: int) -> Tensor:
+        label, used = self.pseudo_labels(unlabeled)
+        return self.pseudo_loss(self.model(unlabeled.strong), label, used, step)
+
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
+        if unlabeled is None:
+            loss = segmentation_loss(self.model(labeled.image), labeled.mask)
+            return StepOutput(loss, {"loss_sup": loss.item()})
+        logits_l, logits_u, feats_l, _ = joint_forward(self.model, labeled.image, unlabeled.strong,
+                                                       features=True)
+        self.observe_labeled(feats_l, labeled.mask)
+        label, used = self.pseudo_labels(unlabeled)
+        loss_sup = segmentation_loss(logits_l, labeled.mask)
+        loss_unsup = self.pseudo_loss(logits_u, label, used, step)
+        return StepOutput(
+            loss_sup + loss_unsup,
+            {"loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item(),
+             "mask_ratio": used.float().mean().item()},
+            pseudo_label=label, pseudo_used=used,
+        )

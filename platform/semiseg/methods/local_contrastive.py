@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semiseg.methods.base import Batch, Method, StepOutput
-from semiseg.methods.common import joint_forward, unwrap
+from semiseg.methods.common import joint_forward, pixels, sample_per_class, unwrap
 from semiseg.methods.losses import segmentation_loss
 from semiseg.methods.registry import register_method
 
@@ -48,16 +48,10 @@ class LocalContrastiveConfig:
     """Self-training rounds (pseudo-label refreshes)."""
 
 
-def sample_per_class(features: Tensor, labels: Tensor, per_class: int) -> tuple[Tensor, Tensor]:
+def sample_per_class_pixels(features: Tensor, labels: Tensor, per_class: int) -> tuple[Tensor, Tensor]:
     """Up to `per_class` random pixels of each class: (n, C) features and (n,) labels."""
-    flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-    labels = labels.reshape(-1)
-    keep = []
-    for c in labels.unique():
-        idx = (labels == c).nonzero(as_tuple=True)[0]
-        keep.append(idx[torch.randperm(len(idx), device=idx.device)[:per_class]])
-    keep = torch.cat(keep)
-    return flat[keep], labels[keep]
+    keep = sample_per_class(labels, per_class)
+    return pixels(features)[keep], labels.reshape(-1)[keep]
 
 
 def pixel_contrastive_loss(features: Tensor, labels: Tensor, temperature: float) -> Tensor:
@@ -99,7 +93,7 @@ class LocalContrastive(Method):
             return self.labeller(unlabeled.image).argmax(1)
 
     def contrastive(self, feats: Tensor, labels: Tensor) -> Tensor:
-        sampled, sampled_labels = sample_per_class(feats, labels, self.cfg.samples_per_class)
+        sampled, sampled_labels = sample_per_class_pixels(feats, labels, self.cfg.samples_per_class)
         return self.cfg.contrastive_weight * pixel_contrastive_loss(sampled, sampled_labels,
                                                                     self.cfg.temperature)
 

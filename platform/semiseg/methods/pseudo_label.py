@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from semiseg.methods.base import Batch, Method, StepOutput
-from semiseg.methods.common import confidence_mask, joint_forward, masked_cross_entropy, sigmoid_rampup
-from semiseg.methods.losses import segmentation_loss
+from semiseg.methods.base import Batch
+from semiseg.methods.common import WeakToStrongSelfTraining, confidence_mask
 from semiseg.methods.registry import register_method
 
 
@@ -37,7 +36,7 @@ class PseudoLabelConfig:
 
 
 @register_method(__name__)
-class PseudoLabel(Method):
+class PseudoLabel(WeakToStrongSelfTraining):
     """Confidence-thresholded pseudo-labels from the weak view supervise the strong view."""
 
     Config = PseudoLabelConfig
@@ -47,26 +46,3 @@ class PseudoLabel(Method):
             probs = self.model(unlabeled.image).float().softmax(1)
         _, label, used = confidence_mask(probs, self.cfg.threshold)
         return label, used
-
-    def pseudo_loss(self, strong_logits: Tensor, label: Tensor, used: Tensor, step: int) -> Tensor:
-        weight = self.cfg.unlabeled_weight * sigmoid_rampup(step, self.cfg.rampup_steps)
-        return weight * masked_cross_entropy(strong_logits, label, used)
-
-    def unlabeled_loss(self, unlabeled: Batch, step: int) -> Tensor:
-        label, used = self.pseudo_labels(unlabeled)
-        return self.pseudo_loss(self.model(unlabeled.strong), label, used, step)
-
-    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
-        if unlabeled is None:
-            loss = segmentation_loss(self.model(labeled.image), labeled.mask)
-            return StepOutput(loss, {"loss_sup": loss.item()})
-        label, used = self.pseudo_labels(unlabeled)
-        logits_l, logits_u = joint_forward(self.model, labeled.image, unlabeled.strong)
-        loss_sup = segmentation_loss(logits_l, labeled.mask)
-        loss_unsup = self.pseudo_loss(logits_u, label, used, step)
-        return StepOutput(
-            loss_sup + loss_unsup,
-            {"loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item(),
-             "mask_ratio": used.float().mean().item()},
-            pseudo_label=label, pseudo_used=used,
-        )

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semiseg.methods.base import Batch, Method, StepOutput
-from semiseg.methods.common import joint_forward, masked_cross_entropy, sigmoid_rampup
-from semiseg.methods.losses import segmentation_loss
+from semiseg.methods.base import Batch
+from semiseg.methods.common import WeakToStrongSelfTraining, pixels, sample_per_class
 from semiseg.methods.registry import register_method
 
 
@@ -55,15 +54,8 @@ class ReferenceGuidedConfig:
 
 def sample_bank(features: Tensor, masks: Tensor, bank_size: int, num_classes: int) -> tuple[Tensor, Tensor]:
     """Class-balanced reference pixels: (M, C) normalised features and (M,) labels."""
-    flat = F.normalize(features.detach().float(), dim=1).permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-    labels = masks.reshape(-1)
-    per_class = max(1, bank_size // num_classes)
-    keep = []
-    for c in labels.unique():
-        idx = (labels == c).nonzero(as_tuple=True)[0]
-        keep.append(idx[torch.randperm(len(idx), device=idx.device)[:per_class]])
-    keep = torch.cat(keep)
-    return flat[keep], labels[keep]
+    keep = sample_per_class(masks, max(1, bank_size // num_classes))
+    return pixels(F.normalize(features.detach().float(), dim=1))[keep], masks.reshape(-1)[keep]
 
 
 @torch.no_grad()
@@ -87,7 +79,7 @@ def match_labels(query: Tensor, bank: Tensor, bank_labels: Tensor, k: int, num_c
 
 
 @register_method(__name__)
-class ReferenceGuided(Method):
+class ReferenceGuided(WeakToStrongSelfTraining):
     """Unlabeled pixels take the labels of their nearest labeled reference pixels (features)."""
 
     Config = ReferenceGuidedConfig
@@ -96,38 +88,16 @@ class ReferenceGuided(Method):
         super().__init__(model, cfg, num_classes)
         self.bank: tuple[Tensor, Tensor] | None = None
 
+    def observe_labeled(self, features: Tensor, mask: Tensor) -> None:
+        self.bank = sample_bank(features, mask, self.cfg.bank_size, self.num_classes)
+
     def pseudo_labels(self, unlabeled: Batch) -> tuple[Tensor, Tensor]:
         bank, bank_labels = self.bank
         with torch.no_grad():
             _, feats = self.model(unlabeled.image, return_features=True)
         b, c, h, w = feats.shape
-        query = F.normalize(feats.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, c)
+        query = pixels(F.normalize(feats.float(), dim=1))
         labels, best = match_labels(query, bank, bank_labels, self.cfg.k, self.num_classes,
                                     self.cfg.chunk_size)
         used = best >= self.cfg.similarity_threshold
         return labels.view(b, h, w), used.view(b, h, w)
-
-    def pseudo_loss(self, strong_logits: Tensor, label: Tensor, used: Tensor, step: int) -> Tensor:
-        weight = self.cfg.unlabeled_weight * sigmoid_rampup(step, self.cfg.rampup_steps)
-        return weight * masked_cross_entropy(strong_logits, label, used)
-
-    def unlabeled_loss(self, unlabeled: Batch, step: int) -> Tensor:
-        label, used = self.pseudo_labels(unlabeled)
-        return self.pseudo_loss(self.model(unlabeled.strong), label, used, step)
-
-    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
-        if unlabeled is None:
-            loss = segmentation_loss(self.model(labeled.image), labeled.mask)
-            return StepOutput(loss, {"loss_sup": loss.item()})
-        logits_l, logits_u, feats_l, _ = joint_forward(self.model, labeled.image, unlabeled.strong,
-                                                       features=True)
-        self.bank = sample_bank(feats_l, labeled.mask, self.cfg.bank_size, self.num_classes)
-        label, used = self.pseudo_labels(unlabeled)
-        loss_sup = segmentation_loss(logits_l, labeled.mask)
-        loss_unsup = self.pseudo_loss(logits_u, label, used, step)
-        return StepOutput(
-            loss_sup + loss_unsup,
-            {"loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item(),
-             "mask_ratio": used.float().mean().item()},
-            pseudo_label=label, pseudo_used=used,
-        )
