@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semiseg", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "train one config as one tracked Ray Train run"),
+    for name, help_text in (("train", "train one config as one tracked Ray Train run (a one-trial sweep)"),
                             ("sweep", "run the config's sweep grid as Ray Tune trials")):
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
@@ -60,21 +60,19 @@ def cmd_list(kind: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from semiseg import tracking
+    """One config = a one-trial sweep, always trained (live progress comes from Tune)."""
     from semiseg.config import load_config
-    from semiseg.distributed.cluster import connect, storage_path
-    from semiseg.distributed.progress import TrainProgress
-    from semiseg.distributed.train import run_tracked_trial
+    from semiseg.distributed.tune import run_sweep
+    from semiseg.report import finished_trials
 
     cfg = load_config(args.config, args.overrides)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    cfg.ray.storage_path = storage_path(cfg.ray.storage_path)
-    connect(cfg.ray.address)
-    exp = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-    run_id = run_tracked_trial(cfg, uri, exp, None, callbacks=[TrainProgress(cfg.train.epochs)])
-    metrics = tracking.search_runs(uri, cfg.tracking.experiment).set_index("run_id").loc[run_id]
-    print(f"run {run_id}: test dice_mean {metrics.get('metrics.test/dice_mean', float('nan')):.4f}")
-    print(f"tracking: {uri}")
+    cfg.sweep.methods, cfg.sweep.params = [cfg.method.name], {}
+    cfg.sweep.label_fractions, cfg.sweep.seeds = [cfg.data.label_fraction], [cfg.train.seed]
+    cfg.sweep.full_supervision = False
+    out = run_sweep(cfg, f"train-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", force=True)
+    trial = finished_trials(out.uri, cfg.tracking.experiment, out.parent_run_id)
+    print(f"test dice_mean {trial['dice'].iloc[0]:.4f} ({cfg.method.name}, label fraction "
+          f"{cfg.data.label_fraction:g}, seed {cfg.train.seed}); tracking: {out.uri}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:

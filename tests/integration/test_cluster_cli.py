@@ -34,3 +34,13 @@ def test_cli_sweep_on_given_ray_address(ray_head, tmp_path: Path, tiny_overrides
     assert report.returncode == 0, report.stderr
     row = next(line for line in report.stdout.splitlines() if line.startswith("supervised"))
     assert row.count("(n=1)") == 2
+
+
+def test_cli_train_runs_one_tracked_trial(ray_head, tmp_path: Path, tiny_overrides: list[str]) -> None:
+    config = str(REPO / "experiments" / "quickstart.yaml")
+    args = ["train", config, *tiny_overrides, f"ray.address={ray_head.gcs_address}",
+            "data.label_fraction=0.5"]
+    for _ in range(2):  # `train` always trains, even a config that already finished
+        out = _run(args, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "test dice_mean" in out.stdout and "1 to run" in out.stdout

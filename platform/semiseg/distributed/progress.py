@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
 
@@ -53,15 +52,3 @@ class SweepProgress(Callback):
         self.failed.add(trial.trial_id)
         self._say(f"FAILED {self._label(trial)}")
 
-
-class TrainProgress(UserCallback):
-    """Driver-side progress of a single `semiseg train` run, from the workers' reports."""
-
-    def __init__(self, epochs: int, stream: Any = None) -> None:
-        self.epochs = epochs
-        self.stream = stream  # None: sys.stdout at print time (Tune pickles callbacks)
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        m = metrics[0]
-        print(f"epoch {int(m.get('epoch', 0)) + 1}/{self.epochs}  loss {m.get('train/loss', float('nan')):.4f}"
-              f"  val dice {m.get('val/dice_mean', float('nan')):.4f}", file=self.stream or sys.stdout, flush=True)
