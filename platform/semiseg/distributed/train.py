@@ -42,6 +42,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = load_dataset(cfg.data)
     split = make_split(data, cfg.data, cfg.train.seed)
     callbacks: list = [RayReportCallback()]
+    logger = None  # rank 0 logs to the trial's MLflow run; the other ranks only train
     if rank == 0 and config.get("run_id"):
         logger = tracking.RunLogger(config["uri"], config["run_id"])
         logger.log_dict(split.manifest(data), "split_manifest.json")
@@ -50,8 +51,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         wrapped = ray.train.torch.prepare_model(model, move_to_device=device)
-        if rank == 0 and config.get("run_id"):
-            tracking.RunLogger(config["uri"], config["run_id"]).set_tags({
+        if logger:
+            logger.set_tags({
                 "ray.world_size": str(ctx.get_world_size()), "ray.device": str(device),
                 "model.wrapper": type(wrapped).__name__,
             })
