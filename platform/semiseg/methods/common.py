@@ -102,8 +102,8 @@ class WeakToStrongSelfTraining(Method):
     def pseudo_labels(self, unlabeled: Batch) -> tuple[Tensor, Tensor]:
         """(labels, used-pixel mask) for the unlabeled batch, without gradient."""
 
-    def observe_labeled(self, features: Tensor, mask: Tensor) -> None:
-        """Called with the labeled pass's pixel features before pseudo-labelling."""
+    def observe_labeled(self, labeled: Batch, features: Tensor) -> None:
+        """Called with the labeled batch and its pass's pixel features before pseudo-labelling."""
 
     def pseudo_loss(self, strong_logits: Tensor, label: Tensor, used: Tensor, step: int) -> Tensor:
         weight = self.cfg.unlabeled_weight * sigmoid_rampup(step, self.cfg.rampup_steps)
@@ -119,7 +119,7 @@ class WeakToStrongSelfTraining(Method):
             return StepOutput(loss, {"loss_sup": loss.item()})
         logits_l, logits_u, feats_l, _ = joint_forward(self.model, labeled.image, unlabeled.strong,
                                                        features=True)
-        self.observe_labeled(feats_l, labeled.mask)
+        self.observe_labeled(labeled, feats_l)
         label, used = self.pseudo_labels(unlabeled)
         loss_sup = segmentation_loss(logits_l, labeled.mask)
         loss_unsup = self.pseudo_loss(logits_u, label, used, step)

@@ -21,18 +21,25 @@ Hyperparameters:
 - unlabeled_weight = 1.0, rampup_steps = 200: weight of the pseudo-label cross-entropy and its
   sigmoid ramp-up (features of an untrained network match poorly at first).
 - chunk_size = 4096: query pixels per similarity matmul.
+- feature_ema = 0.99: the features that are matched (reference and query) come from an EMA
+  copy of the model. This is our addition, not the paper's: matching on the student's own
+  features collapsed in our runs (synthetic, 5 % labels: pseudo-label Dice 0.50 -> 0.09 and
+  val Dice 0.63 -> 0.12 over 15 epochs, as labels and features chased each other), while the
+  EMA copy held pseudo-label Dice at about 0.67. Set 0 for the plain variant.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from semiseg.methods.base import Batch
-from semiseg.methods.common import WeakToStrongSelfTraining, pixels, sample_per_class
+from semiseg.methods.common import (WeakToStrongSelfTraining, ema_update, make_teacher, pixels,
+                                    sample_per_class)
 from semiseg.methods.registry import register_method
 
 
@@ -50,6 +57,9 @@ class ReferenceGuidedConfig:
     """Steps of the sigmoid ramp-up of unlabeled_weight."""
     chunk_size: int = 4096
     """Query pixels per similarity matmul (bounds memory at chunk_size x bank_size)."""
+    feature_ema: float = 0.99
+    """Features for matching come from an EMA copy of the model with this decay; 0 uses the
+    student itself (which collapsed in our runs, see the module docstring)."""
 
 
 def sample_bank(features: Tensor, masks: Tensor, bank_size: int, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -87,17 +97,37 @@ class ReferenceGuided(WeakToStrongSelfTraining):
     def __init__(self, model, cfg: ReferenceGuidedConfig, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
         self.bank: tuple[Tensor, Tensor] | None = None
+        self.matcher = make_teacher(model) if cfg.feature_ema > 0 else None
 
-    def observe_labeled(self, features: Tensor, mask: Tensor) -> None:
-        self.bank = sample_bank(features, mask, self.cfg.bank_size, self.num_classes)
+    def _features(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            if self.matcher is None:
+                return self.model(images, return_features=True)[1]
+            self.matcher.train()  # same BatchNorm mode as the student's passes
+            return self.matcher(images, return_features=True)[1]
+
+    def observe_labeled(self, labeled: Batch, features: Tensor) -> None:
+        if self.matcher is not None:
+            features = self._features(labeled.image)
+        self.bank = sample_bank(features, labeled.mask, self.cfg.bank_size, self.num_classes)
 
     def pseudo_labels(self, unlabeled: Batch) -> tuple[Tensor, Tensor]:
         bank, bank_labels = self.bank
-        with torch.no_grad():
-            _, feats = self.model(unlabeled.image, return_features=True)
+        feats = self._features(unlabeled.image)
         b, c, h, w = feats.shape
         query = pixels(F.normalize(feats.float(), dim=1))
         labels, best = match_labels(query, bank, bank_labels, self.cfg.k, self.num_classes,
                                     self.cfg.chunk_size)
         used = best >= self.cfg.similarity_threshold
         return labels.view(b, h, w), used.view(b, h, w)
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.matcher is not None:
+            ema_update(self.matcher, self.model, self.cfg.feature_ema, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"matcher": None if self.matcher is None else self.matcher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.matcher is not None:
+            self.matcher.load_state_dict(state["matcher"])

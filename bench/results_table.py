@@ -1,0 +1,60 @@
+"""Markdown for docs/RESULTS.md from an experiment's MLflow runs: test Dice at one label
+fraction (mean ± std over seeds), the share of the supervised → full-supervision gap each method
+closes, and the last-epoch pseudo-label Dice/coverage.
+
+    python bench/results_table.py results_synthetic --uri sqlite:////abs/mlruns/mlflow.db
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+from semiseg import tracking
+from semiseg.report import finished_trials
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment")
+    p.add_argument("--uri", default="")
+    p.add_argument("--fraction", type=float, default=0.05)
+    args = p.parse_args()
+    uri = tracking.resolve_uri(args.uri)
+    trials = finished_trials(uri, args.experiment)
+    full = trials[(trials.method == "supervised") & (trials.label_fraction == 1.0)]["dice"]
+    low = trials[trials.label_fraction == args.fraction]
+    sup = low[low.method == "supervised"]["dice"].mean()
+    last = _last_pseudo(uri, args.experiment, args.fraction)
+    print(f"| method | test Dice @ {args.fraction:g} (mean ± std, n) | per seed | gap closed | "
+          "pseudo-label Dice / coverage (last epoch) |")
+    print("|---|---|---|---|---|")
+    for method, group in low.groupby("method"):
+        d = group.sort_values("seed")["dice"]
+        gap = (d.mean() - sup) / (full.mean() - sup)
+        pq = last.get(method)
+        pq_text = f"{pq[0]:.3f} / {pq[1]:.2f}" if pq else "-"
+        print(f"| {method} | {d.mean():.3f} ± {d.std():.3f} ({len(d)}) | "
+              f"{', '.join(f'{v:.3f}' for v in d)} | {gap:+.0%} | {pq_text} |")
+    print(f"| supervised, all labels | {full.mean():.3f} ± {full.std():.3f} ({len(full)}) | "
+          f"{', '.join(f'{v:.3f}' for v in full)} | 100% | - |")
+
+
+def _last_pseudo(uri: str, experiment: str, fraction: float) -> dict[str, tuple[float, float]]:
+    runs = tracking.search_runs(uri, experiment)
+    runs = runs[(runs["status"] == "FINISHED")
+                & (runs["params.data.label_fraction"].astype(float) == fraction)]
+    out: dict[str, tuple[float, float]] = {}
+    if "metrics.pseudo/dice" not in runs:
+        return out
+    for method, group in runs.groupby("params.method.name"):
+        vals = group[["metrics.pseudo/dice", "metrics.pseudo/coverage"]].dropna()
+        if len(vals):
+            out[method] = (float(vals.iloc[:, 0].mean()), float(vals.iloc[:, 1].mean()))
+    return out
+
+
+if __name__ == "__main__":
+    pd.set_option("display.width", 200)
+    main()
