@@ -125,5 +125,8 @@ def _run_tuner(cfg: Config, trials: list[dict[str, Any]], uri: str, experiment_i
 def _scheduler(cfg: Config) -> ASHAScheduler | None:
     if cfg.sweep.scheduler == "fifo":
         return None
+    # max_t one past the last epoch: ASHA stops lagging trials at its rungs, but never a trial
+    # at its final report, which would kill it before it scores test and closes its run.
     return ASHAScheduler(time_attr="training_iteration", metric="val/dice_mean", mode="max",
-                         max_t=cfg.train.epochs, grace_period=min(cfg.sweep.grace_period, cfg.train.epochs))
+                         max_t=cfg.train.epochs + 1,
+                         grace_period=min(cfg.sweep.grace_period, cfg.train.epochs))
