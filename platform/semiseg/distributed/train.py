@@ -117,7 +117,9 @@ def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: 
     logger = tracking.RunLogger(uri, run_id)
     logger.log_params(cfg.flat())
     try:
-        run_trainer(cfg, run_id, uri, f"{name}-{cfg.config_hash()}", callbacks)
+        # One Train run per tracked run: a rerun (--force, or after a deleted run) must start
+        # fresh, not restore the checkpoints an earlier trial with this config left in storage.
+        run_trainer(cfg, run_id, uri, f"{name}-{cfg.config_hash()}-{run_id[:8]}", callbacks)
     except BaseException:
         logger.end("FAILED")
         raise
