@@ -22,6 +22,7 @@ from semiseg.data.splits import Split
 from semiseg.data.transforms import strong_photometric, weak_geometric
 from semiseg.errors import SemisegError
 from semiseg.methods import METHODS, Batch, Method, StepOutput, method_config
+from semiseg.methods.common import unwrap
 from semiseg.metrics import MetricAccumulator
 from semiseg.models import create_model
 from semiseg.optim import build_optimizer, build_scheduler
@@ -62,11 +63,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SemisegError("train.device=cuda but no CUDA device is available; use auto or cpu")
     return torch.device(name)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP wrapper."""
-    return model.module if hasattr(model, "module") else model
 
 
 class Trainer:
