@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from semiseg.config_schema import build, coerce_override, flatten
+from semiseg.config_schema import build, coerce_override, flatten, parse_yaml
 from semiseg.errors import ConfigError
+from semiseg.sam.config import SamConfig
 
 
 @dataclass
@@ -52,6 +51,7 @@ class DataConfig:
         for key in ("val_fraction", "test_fraction"):
             if not 0.0 < getattr(self, key) < 0.5:
                 raise ConfigError(f"data.{key}={getattr(self, key)}: expected a value in (0, 0.5)")
+        _check_seed("data.split_seed", self.split_seed)
 
 
 @dataclass
@@ -106,6 +106,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: expected a positive integer")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr}: expected a positive number")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: expected 0 or more")
+        _check_seed("train.seed", self.seed)
 
 
 @dataclass
@@ -148,6 +152,10 @@ class TrackingConfig:
     overlays: int = 4
     """Test images whose prediction overlays are logged as PNG."""
 
+    def __post_init__(self) -> None:
+        if self.overlays < 0:
+            raise ConfigError(f"tracking.overlays={self.overlays}: expected 0 or more")
+
 
 @dataclass
 class SweepConfig:
@@ -175,6 +183,15 @@ class SweepConfig:
         for f in self.label_fractions:
             if not 0.0 < f <= 1.0:
                 raise ConfigError(f"sweep.label_fractions has {f}: expected values in (0, 1]")
+        for seed in self.seeds:
+            _check_seed("sweep.seeds", seed)
+
+
+def _check_seed(key: str, seed: int) -> None:
+    # numpy's generators refuse negative seeds, and the engine seeds torch generators with
+    # seed * 1000 + rank, which must stay below 2**64: [0, 2**32) is safe for both.
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{key}={seed}: expected an integer in [0, 2**32)")
 
 
 @dataclass
@@ -193,6 +210,8 @@ class Config:
     """Where runs are recorded."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """The grid `semiseg sweep` runs."""
+    sam: SamConfig = field(default_factory=SamConfig)
+    """SAM pseudo-label refinement (`semiseg pseudolabel`, method sam_refined)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,7 +219,10 @@ class Config:
     def identity(self) -> dict[str, Any]:
         """What determines a trained model: not where it ran nor where it was logged."""
         d = self.to_dict()
-        return {k: d[k] for k in ("data", "model", "method", "train")}
+        identity = {k: d[k] for k in ("data", "model", "method", "train")}
+        if self.method.name == "sam_refined":  # only there does SAM shape the model
+            identity["sam"] = self.sam.identity()
+        return identity
 
     def config_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
@@ -224,17 +246,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         file = Path(path)
         source = str(file)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file.resolve()}")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        data = parse_yaml(_read_text(file), str(file)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of sections, got {type(data).__name__}")
     for item in overrides:
         coerce_override(data, item)
     return from_dict(data, source=source)
+
+
+def _read_text(file: Path) -> str:
+    if not file.is_file():
+        what = "is a directory, not a file" if file.is_dir() else "not found"
+        raise ConfigError(f"config file {what}: {file.absolute()} (expected a YAML file)")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
+                          "expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file ({exc.strerror or exc})") from None
 
 
 def _check_names(cfg: Config) -> None:
@@ -255,4 +285,7 @@ def _check_names(cfg: Config) -> None:
             )
         check_method_params(method, {param: None}, check_values=False)
     if cfg.data.root:
-        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+        try:
+            cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+        except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser/, a NUL byte, ...
+            raise ConfigError(f"data.root={cfg.data.root!r}: not a usable path ({exc})") from None

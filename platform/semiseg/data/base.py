@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -41,7 +42,12 @@ class SegData:
         if len(self.groups) != n or len(self.ids) != n:
             raise DatasetError(f"{self.source}: groups/ids must have one entry per image ({n})")
         if len(set(self.ids)) != n:
-            raise DatasetError(f"{self.source}: image ids are not unique")
+            seen: set[str] = set()
+            dups = sorted({i for i in self.ids if i in seen or seen.add(i)})
+            raise DatasetError(
+                f"{self.source}: image ids are not unique ({', '.join(dups[:5])}); "
+                "expected one image per id"
+            )
         bad = self.masks.max() if self.masks.size else 0
         if bad >= len(self.classes) or self.masks.min() < 0:
             raise DatasetError(
@@ -61,6 +67,27 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 def load_dataset(cfg: DataConfig) -> SegData:
     """Build the dataset that `cfg.name` names."""
     return DATASETS.get(cfg.name)(cfg)
+
+
+def check_classes_present(
+    masks: np.ndarray, classes: list[str], root: Path, spec: Path | None
+) -> None:
+    """Refuse a class map naming a foreground class that no mask in the dataset contains.
+
+    A class missing from *some* masks is normal and accepted. One missing from *all* of them
+    cannot be learned, its Dice is NaN in every run, and the foreground means silently skip
+    it, so a sweep would report over fewer classes than the user declared. It is almost
+    always a wrong class map or a wrong mask encoding, so it is an error, not a warning.
+    """
+    present = np.bincount(masks.ravel(), minlength=len(classes)) > 0
+    absent = [f"{classes[i]!r} (value {i})" for i in range(1, len(classes)) if not present[i]]
+    if absent:
+        where = f"the classes in {spec}" if spec else "the default class map"
+        raise DatasetError(
+            f"{root}: class {', '.join(absent)} appears in no mask of the {len(masks)} images; "
+            f"expected every foreground class of {where} in at least one mask "
+            "(remove it from 'classes' or check the mask values)"
+        )
 
 
 def normalise(image: np.ndarray) -> np.ndarray:

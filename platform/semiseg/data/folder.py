@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from semiseg.config import DataConfig
-from semiseg.data.base import DATASETS, SegData, normalise
+from semiseg.data.base import DATASETS, SegData, check_classes_present, normalise
 from semiseg.data.resize import pad_square, resize_pair
 from semiseg.errors import DatasetError
 
@@ -175,4 +175,5 @@ def build(cfg: DataConfig) -> SegData:
         image, mask = resize_pair(image, pad_square(mask, 0), cfg.image_size)
         out_images.append(normalise(image))
         out_masks.append(mask)
+    check_classes_present(np.stack(out_masks), classes, root, root / "dataset.yaml")
     return SegData(np.stack(out_images), np.stack(out_masks), groups, ids, classes, "folder")

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from semiseg.config import DataConfig
-from semiseg.data.base import DATASETS, SegData, normalise
+from semiseg.data.base import DATASETS, SegData, check_classes_present, normalise
 from semiseg.data.folder import read_spec
 from semiseg.data.resize import pad_square, resize_pair
 from semiseg.errors import DatasetError
@@ -40,9 +40,21 @@ def _read_volume(path: Path) -> np.ndarray:
         ) from None
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is still a 3D volume
         data = data[..., 0]
-    if data.ndim != 3:
-        raise DatasetError(f"{path}: volume has shape {data.shape}; expected a 3D volume (X, Y, Z)")
+    if data.ndim != 3 or 0 in data.shape:
+        raise DatasetError(
+            f"{path}: volume has shape {data.shape}; expected a non-empty 3D volume (X, Y, Z)"
+        )
     return data
+
+
+def _read_image_volume(path: Path) -> np.ndarray:
+    volume = _read_volume(path)
+    # NaN or Inf voxels would make every normalised slice NaN, and the run would only fail
+    # at its first training step (as a diverged loss) instead of naming the file.
+    bad = int(np.count_nonzero(~np.isfinite(volume)))
+    if bad:
+        raise DatasetError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite intensities")
+    return volume
 
 
 def _read_labels(
@@ -66,14 +78,22 @@ def _read_labels(
 
 
 def _frames(root: Path) -> list[tuple[str, str, Path]]:
-    """(patient, frame number, image file) for every frame volume under root, sorted."""
-    found = []
+    """(patient, frame number, image file) for every frame volume under root, sorted; refuses
+    two files for one frame (frame01.nii beside frame01.nii.gz, or frame1 beside frame01)."""
+    found: dict[tuple[str, int], tuple[str, str, Path]] = {}
     for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(patient_dir.iterdir()):
             m = _FRAME.match(f.name)
-            if m and f.is_file():
-                found.append((patient_dir.name, m["frame"], f))
-    return found
+            if not (m and f.is_file()):
+                continue
+            key = (patient_dir.name, int(m["frame"]))
+            if key in found:
+                raise DatasetError(
+                    f"{patient_dir}: {found[key][2].name} and {f.name} are the same frame; "
+                    "expected one image volume per frame"
+                )
+            found[key] = (patient_dir.name, m["frame"], f)
+    return list(found.values())  # folder, then file name order, as listed
 
 
 def _gt_path(image_path: Path) -> Path:
@@ -105,7 +125,7 @@ def build(cfg: DataConfig) -> SegData:
         gt_path = _gt_path(image_path)
         if not gt_path.is_file():
             raise DatasetError(f"{image_path}: missing its label volume {gt_path}")
-        volume = _read_volume(image_path)
+        volume = _read_image_volume(image_path)
         labels = _read_labels(gt_path, volume.shape, image_path, classes)
         for z in range(volume.shape[-1]):
             image = pad_square(volume[..., z], float(volume[..., z].min()))
@@ -114,4 +134,5 @@ def build(cfg: DataConfig) -> SegData:
             masks.append(mask)
             groups.append(patient)
             ids.append(f"{patient}_frame{frame}_z{z:02d}")
+    check_classes_present(np.stack(masks), classes, root, spec if spec.exists() else None)
     return SegData(np.stack(images), np.stack(masks), groups, ids, classes, "nifti")

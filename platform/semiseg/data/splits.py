@@ -46,10 +46,11 @@ def labeled_count(label_fraction: float, num_train: int) -> int:
 
 def make_split(data: SegData, cfg: DataConfig, seed: int) -> Split:
     groups = sorted(set(data.groups))
+    where = f"{data.source} dataset" + (f" at {cfg.root}" if cfg.root else "")
     if len(groups) < 3:
         raise DatasetError(
-            f"{data.source}: {len(groups)} group(s) (patients/volumes) found; at least 3 are "
-            "needed to split into train, val and test without leakage"
+            f"{where}: {len(data.ids)} image(s) in {len(groups)} group(s) (patients/volumes); "
+            "at least 3 groups are needed to split into train, val and test without leakage"
         )
     order = np.random.default_rng(cfg.split_seed).permutation(len(groups))
     n_test = max(1, round(cfg.test_fraction * len(groups)))
@@ -62,7 +63,11 @@ def make_split(data: SegData, cfg: DataConfig, seed: int) -> Split:
         by_role[role_of_group(group)].append(index)
     train = by_role["train"]
     if not train:
-        raise DatasetError(f"{data.source}: no training images are left after val/test")
+        raise DatasetError(
+            f"{where}: no training images are left after val ({len(val_groups)} group(s)) and "
+            f"test ({len(test_groups)}) of {len(groups)} groups; lower data.val_fraction / "
+            "data.test_fraction or add images"
+        )
     shuffled = np.random.default_rng([seed, 7919]).permutation(train).tolist()
     k = labeled_count(cfg.label_fraction, len(train))
     return Split(
