@@ -16,11 +16,14 @@ it is added:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import subprocess
 import sys
+import tempfile
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ from torch import nn
 from semiseg.errors import ConfigError
 from semiseg.methods import METHODS, Batch, Method, StepOutput, method_config
 from semiseg.models import create_model
+from semiseg.sam.store import PseudoLabelStore
 
 NUM_CLASSES = 4
 NAMES = METHODS.names()
@@ -41,10 +45,25 @@ def make_batch(seed: int, labeled: bool, n: int = 4, size: int = 32) -> Batch:
     return Batch(image, strong, mask, torch.arange(n))
 
 
+@functools.cache
+def sam_manifest() -> str:
+    """A real pseudo-label manifest (random labels) for the make_batch indices and sizes."""
+    store = PseudoLabelStore(tempfile.mkdtemp(prefix="semiseg-manifest-"), [f"c{i}" for i in range(NUM_CLASSES)])
+    rng = np.random.default_rng(0)
+    for index in range(200):
+        store.write(index, f"img{index}", rng.integers(0, NUM_CLASSES, (32, 32)), {1: 0.9})
+    return str(store.write_manifest())
+
+
+# Params a method cannot run without: sam_refined reads its pseudo-labels from a manifest.
+REQUIRED_PARAMS = {"sam_refined": lambda: {"manifest": sam_manifest()}}
+
+
 def build(name: str) -> tuple[nn.Module, Method]:
     torch.manual_seed(0)
     model = create_model("unet", 1, NUM_CLASSES, base_channels=4, depth=2)
-    method = METHODS.get(name)(model, method_config(name, {}), NUM_CLASSES)
+    params = REQUIRED_PARAMS.get(name, dict)()
+    method = METHODS.get(name)(model, method_config(name, params), NUM_CLASSES)
     return model, method
 
 

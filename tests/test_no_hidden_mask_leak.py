@@ -20,6 +20,7 @@ import functools
 import inspect
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ from semiseg.data.splits import Split, make_split
 from semiseg.engine import Trainer
 from semiseg.methods import METHODS, Batch, Method
 from semiseg.pseudo_quality import PseudoLabelScore
+from semiseg.sam.store import PseudoLabelStore
 
 TINY = [
     "data.image_size=32", "data.num_images=40", "data.batch_size=4", "data.label_fraction=0.25",
@@ -57,6 +59,16 @@ def dataset() -> tuple[SegData, Split]:
     split = make_split(data, cfg.data, cfg.train.seed)
     assert split.unlabeled and split.labeled
     return data, split
+
+
+def noise_manifest(dataset: tuple[SegData, Split], root) -> str:
+    """sam_refined's pseudo-labels: random maps (not the hidden masks) for the unlabeled images."""
+    data, split = dataset
+    store = PseudoLabelStore(root / "pseudo", data.classes)
+    rng = np.random.default_rng(1)
+    for index in split.unlabeled:
+        store.write(index, data.ids[index], rng.integers(0, data.num_classes, data.masks.shape[1:]), {})
+    return str(store.write_manifest())
 
 
 FORBIDDEN = (SplitTensors, Subset, SegData, Split, Trainer, PseudoLabelScore)
@@ -138,9 +150,10 @@ def test_method_constructor_takes_model_cfg_num_classes_only(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_no_method_reaches_hidden_masks(name: str, dataset) -> None:
+def test_no_method_reaches_hidden_masks(name: str, dataset, tmp_path) -> None:
     data, split = dataset
-    cfg = load_config(None, [*TINY, f"method.name={name}", *PARAMS.get(name, [])])
+    extra = [f"method.params.manifest={noise_manifest(dataset, tmp_path)}"] if name == "sam_refined" else []
+    cfg = load_config(None, [*TINY, f"method.name={name}", *PARAMS.get(name, []), *extra])
     trainer = Trainer(cfg, data, split, CPU)
     method = trainer.method
     cls = METHODS.get(name)

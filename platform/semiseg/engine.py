@@ -143,10 +143,15 @@ class Trainer:
         pick = self.unlabeled_batches.next()
         part = self.tensors.unlabeled
         hidden = self.tensors.hidden_unlabeled_masks
-        image, _, hidden_warped = weak_geometric(
-            part.images[pick], None, self.augment_gen, extra=None if hidden is None else hidden[pick]
+        fixed = self.method.fixed_targets(part.index[pick])
+        # +1 so that pixels warped in from outside the image (zeros) read as -1, "no label".
+        image, fixed_warped, hidden_warped = weak_geometric(
+            part.images[pick], None if fixed is None else fixed.to(self.device) + 1, self.augment_gen,
+            extra=None if hidden is None else hidden[pick],
         )
-        batch = Batch(image, strong_photometric(image, self.augment_gen), None, part.index[pick])
+        fixed_warped = None if fixed_warped is None else fixed_warped - 1
+        batch = Batch(image, strong_photometric(image, self.augment_gen), None, part.index[pick],
+                      fixed_warped)
         return batch, hidden_warped
 
     def train_step(self, step: int, pseudo: PseudoLabelScore) -> dict[str, float]:

