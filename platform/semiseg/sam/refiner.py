@@ -87,7 +87,7 @@ class SamRefiner:
         """Image embeddings (B, C, h, w) of uint8 RGB images, and each one's resized size."""
         inputs, sizes = [], []
         for image in images:
-            x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
+            x = torch.from_numpy(np.array(image)).to(self.device).permute(2, 0, 1)[None].float()
             size = self.transform.get_preprocess_shape(image.shape[0], image.shape[1],
                                                        self.transform.target_length)
             # Round back to 8 bits: the reference resizes a uint8 PIL image.
