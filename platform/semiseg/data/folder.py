@@ -36,9 +36,10 @@ def read_spec(spec_file: Path) -> tuple[list[str], re.Pattern[str] | None]:
     if not spec_file.is_file():
         raise DatasetError(f"missing {spec_file}: expected a YAML file with 'classes: [...]'")
     try:
-        spec: Any = yaml.safe_load(spec_file.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{spec_file}: not valid YAML: {exc}") from None
+        spec: Any = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
+    # ValueError: an int over Python's 4300-digit limit; RecursionError: absurd nesting.
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError, OSError) as exc:
+        raise DatasetError(f"{spec_file}: not valid YAML: {str(exc)[:300]}") from None
     if not isinstance(spec, dict) or "classes" not in spec:
         raise DatasetError(
             f"{spec_file}: missing 'classes' (expected e.g. classes: [background, liver])"

@@ -29,15 +29,43 @@ ACDC_CLASSES = ["background", "right_ventricle", "myocardium", "left_ventricle"]
 _FRAME = re.compile(r"^(?P<patient>.+)_frame(?P<frame>\d+)\.nii(\.gz)?$")
 
 
+# Deflate cannot compress better than about 1032:1, so a .nii.gz of n bytes holds at most
+# this many times n bytes of voxels.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _unreadable(path: Path, exc: Exception) -> DatasetError:
+    return DatasetError(
+        f"{path}: cannot read the NIfTI volume ({type(exc).__name__}: {str(exc)[:200]}); "
+        "is the file truncated or corrupt?"
+    )
+
+
+def _check_declared_size(path: Path, image: nib.spatialimages.SpatialImage) -> None:
+    """Refuse a header that declares more voxel bytes than the file can hold, before reading:
+    nibabel allocates the declared size first, so a corrupt dim field would otherwise ask
+    for gigabytes of memory instead of failing."""
+    declared = int(np.prod(image.shape, dtype=np.float64)) * image.get_data_dtype().itemsize
+    ratio = _MAX_DEFLATE_RATIO if path.name.endswith(".gz") else 1
+    available = path.stat().st_size * ratio
+    if declared > available:
+        raise DatasetError(
+            f"{path}: the header declares a {image.shape} volume of {declared} bytes but the "
+            f"file can hold at most {available}; is the file truncated or its header corrupt?"
+        )
+
+
 def _read_volume(path: Path) -> np.ndarray:
     """The volume as a 3D float array; any nibabel / gzip failure names the file."""
     try:
-        data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    except Exception as exc:  # truncated gzip -> EOFError, zlib.error, nibabel errors, ...
-        raise DatasetError(
-            f"{path}: cannot read the NIfTI volume ({type(exc).__name__}: {exc}); "
-            "is the file truncated or corrupt?"
-        ) from None
+        image = nib.load(str(path))
+    except Exception as exc:  # not a NIfTI header, a truncated gzip, ...
+        raise _unreadable(path, exc) from None
+    _check_declared_size(path, image)
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # truncated data -> EOFError, zlib.error, nibabel errors, ...
+        raise _unreadable(path, exc) from None
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is still a 3D volume
         data = data[..., 0]
     if data.ndim != 3 or 0 in data.shape:
