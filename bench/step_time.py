@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -22,14 +23,26 @@ from semiseg.data.splits import make_split
 from semiseg.engine import Trainer
 from semiseg.methods import METHODS
 from semiseg.pseudo_quality import PseudoLabelScore
+from semiseg.sam.store import PseudoLabelStore
 
 
 def build(method: str, args: argparse.Namespace, device: torch.device) -> Trainer:
-    cfg = load_config(None, [f"method.name={method}", f"data.image_size={args.image_size}",
-                             f"data.batch_size={args.batch_size}", "data.label_fraction=0.05",
-                             f"data.num_images={args.num_images}"])
+    overrides = [f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
+                 "data.label_fraction=0.05", f"data.num_images={args.num_images}"]
+    cfg = load_config(None, overrides)
     data = load_dataset(cfg.data)
-    return Trainer(cfg, data, make_split(data, cfg.data, 0), device)
+    split = make_split(data, cfg.data, 0)
+    extra = [f"method.params.manifest={pseudo_manifest(data, split)}"] if method == "sam_refined" else []
+    cfg = load_config(None, [*overrides, f"method.name={method}", *extra])
+    return Trainer(cfg, data, split, device)
+
+
+def pseudo_manifest(data, split) -> str:
+    """sam_refined trains on fixed pseudo-labels; their values do not change its step time."""
+    store = PseudoLabelStore(tempfile.mkdtemp(prefix="semiseg-bench-"), data.classes)
+    for index in split.unlabeled:
+        store.write(index, data.ids[index], data.masks[index], {})
+    return str(store.write_manifest())
 
 
 def time_steps(trainer: Trainer, steps: int, start: int, device: torch.device) -> float:

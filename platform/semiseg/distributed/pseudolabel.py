@@ -122,6 +122,7 @@ def run_pseudolabel(cfg: Config, coarse_checkpoint: str = "", output: str = "",
     load_coarse_model(coarse, cfg.model, data.num_classes)  # a wrong model fails here, clearly
     sam_path = sam_checkpoint(cfg.sam)
     store = PseudoLabelStore(output or cfg.sam.output, data.classes)
+    store.remove_stale_temp_files()
     done = store.done()
     todo = [i for i in split.unlabeled if i not in done]
     print(f"pseudolabel: {len(todo)} of {len(split.unlabeled)} unlabeled images to refine "

@@ -52,6 +52,15 @@ class PseudoLabelStore:
     def stem(index: int, image_id: str) -> str:
         return f"{index:06d}_{re.sub(r'[^A-Za-z0-9._-]', '_', image_id)}"
 
+    def remove_stale_temp_files(self) -> int:
+        """Temp files a killed run left (hidden names, never read). Only the driver calls this,
+        before any writer starts: a running writer's temp file must not be pulled away."""
+        stale = [*(self.root / "masks").glob(".*.tmp"), *(self.root / "rows").glob(".*.tmp"),
+                 *self.root.glob(".*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
     def done(self) -> set[int]:
         """Dataset indices whose row (hence mask) is complete."""
         return {int(p.name.split("_", 1)[0]) for p in (self.root / "rows").glob("*.json")}
