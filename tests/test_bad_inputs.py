@@ -360,3 +360,21 @@ def test_checkpoint_from_different_model(tmp_path: Path, other: str) -> None:
                                         resume_from=ckpt),
               str(ckpt / CHECKPOINT_FILE), "different config")
     assert not (tmp_path / "run").exists()  # no epoch ran, so no checkpoint was written
+
+
+@pytest.mark.parametrize("content", ["garbage", "tensor"])
+def test_corrupt_engine_checkpoint(tmp_path: Path, content: str) -> None:
+    cfg = load_config(None, TINY)
+    data = load_dataset(cfg.data)
+    split = make_split(data, cfg.data, cfg.train.seed)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    if content == "garbage":
+        (ckpt / CHECKPOINT_FILE).write_bytes(b"\x80\x02 not a torch file")
+    else:
+        torch.save(torch.zeros(3), ckpt / CHECKPOINT_FILE)
+    expected = "cannot read checkpoint" if content == "garbage" else "not a semiseg training state"
+    with untouched(ckpt):
+        fails(SemisegError, lambda: fit(cfg, data, split, torch.device("cpu"), tmp_path / "run",
+                                        resume_from=ckpt),
+              str(ckpt / CHECKPOINT_FILE), expected)

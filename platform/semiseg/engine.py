@@ -112,8 +112,10 @@ class Trainer:
         path = directory / CHECKPOINT_FILE
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
-        except (OSError, RuntimeError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001  (pickle, zip, EOF and OS errors: all "unreadable")
             raise SemisegError(f"cannot read checkpoint {path}: {exc}") from None
+        if not isinstance(state, dict):
+            raise SemisegError(f"checkpoint {path} holds a {type(state).__name__}, not a semiseg training state")
         if state.get("config_hash") != self.cfg.config_hash():
             raise SemisegError(f"checkpoint {path} was written by a different config")
         unwrap(self.model).load_state_dict(state["model"])
