@@ -41,12 +41,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     data = load_dataset(cfg.data)
     split = make_split(data, cfg.data, cfg.train.seed)
-    callbacks: list = [RayReportCallback()]
-    logger = None  # rank 0 logs to the trial's MLflow run; the other ranks only train
-    if rank == 0 and config.get("run_id"):
-        logger = tracking.RunLogger(config["uri"], config["run_id"])
+    checkpoint = ray.train.get_checkpoint()  # set when Ray restarted this worker group
+    logger = _rank0_logger(config, rank)  # the other ranks only train
+    callbacks: list = []
+    if logger:
         logger.log_dict(split.manifest(data), "split_manifest.json")
-        callbacks.append(tracking.MlflowCallback(logger))
+        callbacks.append(tracking.MlflowCallback(logger, _logged_epochs(logger, checkpoint)))
+    # MLflow before Ray: once Ray holds an epoch's checkpoint, its metrics are logged, so a
+    # restart from that checkpoint can never leave the epoch out of the run.
+    callbacks.append(RayReportCallback())
     device = _device()
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -59,12 +62,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return wrapped
 
     workdir = Path(tempfile.mkdtemp(prefix="semiseg-"))
-    resume = _restore(ray.train.get_checkpoint(), workdir)
+    resume = _restore(checkpoint, workdir)
     try:
         fit(cfg, data, split, device, workdir / "latest", callbacks,
             resume_from=resume, wrap_model=wrap, rank=rank)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _rank0_logger(config: dict[str, Any], rank: int) -> tracking.RunLogger | None:
+    """Rank 0 reattaches to the trial's MLflow run (its id is in the train config, so a
+    restarted worker logs to the same run) and takes over the spool of the worker before it."""
+    if rank != 0 or not config.get("run_id"):
+        return None
+    return tracking.RunLogger(config["uri"], config["run_id"], Path(config["spool"]))
+
+
+def _logged_epochs(logger: tracking.RunLogger, checkpoint: ray.train.Checkpoint | None) -> set[int]:
+    """Epochs the run already has: after a restart, those between Ray's last registered
+    checkpoint and the crash. Ray's controller takes reports about every 2 s, so a worker that
+    dies early restarts from scratch with epochs already logged."""
+    logged = logger.logged_steps("epoch")
+    if checkpoint is not None or logged:
+        logger.set_tags({"semiseg.resumed_from": Path(checkpoint.path).name if checkpoint else "scratch"})
+    return logged
 
 
 def _device() -> torch.device:
@@ -90,18 +111,20 @@ def run_trainer(cfg: Config, run_id: str | None, uri: str, name: str,
                 callbacks: list | None = None) -> None:
     """Run one TorchTrainer to completion (raises if it failed)."""
     resources = {"CPU": cfg.ray.cpus_per_worker}
+    storage = storage_path(cfg.ray.storage_path)
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id, "uri": uri},
+        train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id, "uri": uri,
+                           "spool": str(tracking.spool_path(storage, name, "rank0"))},
         torch_config=None if cfg.ray.backend == "auto" else TorchConfig(backend=cfg.ray.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path(cfg.ray.storage_path), callbacks=callbacks or [],
+            name=name, storage_path=storage, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -114,12 +137,14 @@ def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: 
     """Create the trial's MLflow run, train, and close the run as FINISHED or FAILED."""
     name = trial_name(cfg)
     run_id = tracking.start_run(uri, experiment_id, name, "trial", trial_tags(cfg), parent_run_id)
-    logger = tracking.RunLogger(uri, run_id)
+    # One Train run per tracked run: a rerun (--force, or after a deleted run) must start
+    # fresh, not restore the checkpoints an earlier trial with this config left in storage.
+    train_name = f"{name}-{cfg.config_hash()}-{run_id[:8]}"
+    spool = tracking.spool_path(storage_path(cfg.ray.storage_path), train_name, "trial")
+    logger = tracking.RunLogger(uri, run_id, spool)
     logger.log_params(cfg.flat())
     try:
-        # One Train run per tracked run: a rerun (--force, or after a deleted run) must start
-        # fresh, not restore the checkpoints an earlier trial with this config left in storage.
-        run_trainer(cfg, run_id, uri, f"{name}-{cfg.config_hash()}-{run_id[:8]}", callbacks)
+        run_trainer(cfg, run_id, uri, train_name, callbacks)
     except BaseException:
         logger.end("FAILED")
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> Sw
     hashes = [from_dict(t, source="sweep trial").config_hash() for t in trials]
     uri = tracking.resolve_uri(cfg.tracking.uri)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    _flush_spools(cfg.ray.storage_path)  # what earlier runs could not log, before skipping
     done = set() if force else tracking.finished_hashes(uri, experiment_id)
     todo = [t for t, h in zip(trials, hashes) if h not in done]
     print(f"{len(trials)} trials in the grid; {len(trials) - len(todo)} already finished with the "
@@ -87,7 +89,8 @@ def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> Sw
           flush=True)
     parent = tracking.start_run(uri, experiment_id, sweep_name, "sweep",
                                 {"trials": str(len(trials)), "skipped": str(len(trials) - len(todo))})
-    logger = tracking.RunLogger(uri, parent)
+    logger = tracking.RunLogger(uri, parent, tracking.spool_path(
+        cfg.ray.storage_path, f"{sweep_name}-{parent[:8]}", "sweep"))
     logger.log_params(cfg.flat())
     logger.log_dict(hashes, "config_hashes.json")
     status = "FAILED"
@@ -97,10 +100,19 @@ def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> Sw
             _run_tuner(cfg, todo, uri, experiment_id, parent, sweep_name)
         status = "FINISHED"
     finally:
+        # Trials whose server was down at their end spooled their status: send it first.
+        _flush_spools(cfg.ray.storage_path)
         # Trials stopped by ASHA (or killed with their actor) cannot close their own run.
         tracking.close_open_children(uri, experiment_id, parent, "KILLED")
         logger.end(status)
     return SweepOutcome(uri, parent, hashes, len(trials) - len(todo))
+
+
+def _flush_spools(storage: str) -> None:
+    """Upload spooled MLflow records; say loudly which are still missing, and where."""
+    for line in tracking.flush_spools(storage):
+        print(f"WARNING: not yet logged to MLflow (server unreachable): {line}", file=sys.stderr,
+              flush=True)
 
 
 def _run_tuner(cfg: Config, trials: list[dict[str, Any]], uri: str, experiment_id: str,
