@@ -151,6 +151,9 @@ class TrackingConfig:
     """MLflow experiment name."""
     overlays: int = 4
     """Test images whose prediction overlays are logged as PNG."""
+    log_model: bool = True
+    """Log each trial's final checkpoint.pt as artifact model/ (reusable by run id, e.g. by
+    `semiseg pseudolabel --checkpoint RUN_ID`); a few MB per trial."""
 
     def __post_init__(self) -> None:
         if self.overlays < 0:

@@ -253,6 +253,23 @@ class RunLogger:
         return self.close(wait_s)
 
 
+def download_checkpoint(uri: str, run_id: str) -> Path:
+    """The checkpoint.pt a trial logged under model/, downloaded to a temp folder."""
+    import mlflow.artifacts
+
+    target = Path(tempfile.mkdtemp(prefix="semiseg-model-"))
+    try:
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model",
+                                                     tracking_uri=uri, dst_path=str(target))
+    except MlflowException as exc:
+        raise SemisegError(f"MLflow run {run_id} at {uri} has no model/ artifact to use as a "
+                           f"checkpoint: {exc.message.splitlines()[0][:200]}") from None
+    checkpoint = Path(folder) / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise SemisegError(f"MLflow run {run_id} logged model/ without a checkpoint.pt")
+    return checkpoint
+
+
 def flush_spools(storage: str) -> list[str]:
     """Upload what earlier runs spooled under this storage path (e.g. while the server was
     down); returns one line per spool that still cannot be sent."""

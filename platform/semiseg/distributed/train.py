@@ -18,6 +18,7 @@ from semiseg import tracking
 from semiseg.config import Config, from_dict
 from semiseg.data import load_dataset
 from semiseg.data.splits import make_split
+from semiseg.distributed.chain import run_sam_chain
 from semiseg.distributed.cluster import storage_path
 from semiseg.engine import FitResult, fit
 
@@ -108,8 +109,8 @@ def _restore(checkpoint: ray.train.Checkpoint | None, workdir: Path) -> Path | N
 
 
 def run_trainer(cfg: Config, run_id: str | None, uri: str, name: str,
-                callbacks: list | None = None) -> None:
-    """Run one TorchTrainer to completion (raises if it failed)."""
+                callbacks: list | None = None) -> ray.train.Result:
+    """Run one TorchTrainer to completion (raises if it failed); its Result has the last checkpoint."""
     resources = {"CPU": cfg.ray.cpus_per_worker}
     storage = storage_path(cfg.ray.storage_path)
     if cfg.ray.use_gpu:
@@ -129,7 +130,7 @@ def run_trainer(cfg: Config, run_id: str | None, uri: str, name: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+    return trainer.fit()
 
 
 def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: str | None,
@@ -144,12 +145,27 @@ def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: 
     logger = tracking.RunLogger(uri, run_id, spool)
     logger.log_params(cfg.flat())
     try:
-        run_trainer(cfg, run_id, uri, train_name, callbacks)
+        if cfg.method.name == "sam_refined":  # coarse model -> SAM pseudo-labels -> retrain
+            result = run_sam_chain(
+                cfg, run_id, train_name,
+                train=lambda c, rid, name: run_trainer(c, rid, uri, name, callbacks if rid else None),
+                log_metrics=logger.log_metrics, log_files=logger.log_files)
+        else:
+            result = run_trainer(cfg, run_id, uri, train_name, callbacks)
+        _log_model(logger, result, cfg)
     except BaseException:
         logger.end("FAILED")
         raise
     logger.end("FINISHED")
     return run_id
+
+
+def _log_model(logger: tracking.RunLogger, result: ray.train.Result, cfg: Config) -> None:
+    """The final checkpoint.pt (with the model selected on val) as artifact model/, so a run id
+    is enough to reuse the model, e.g. as the coarse model of `semiseg pseudolabel`."""
+    checkpoint = result.checkpoint if result is not None else None
+    if cfg.tracking.log_model and checkpoint is not None and "://" not in checkpoint.path:
+        logger.log_files(Path(checkpoint.path), "model")
 
 
 def trial_name(cfg: Config) -> str:
