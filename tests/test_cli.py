@@ -63,3 +63,16 @@ def test_bad_input_writes_nothing(tmp_path: Path) -> None:
     out = semiseg("sweep", str(REPO / "experiments" / "quickstart.yaml"), "train.epochs=0", cwd=tmp_path)
     assert out.returncode == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pseudolabel_without_a_coarse_model_is_a_clear_error() -> None:
+    out = semiseg("pseudolabel", "experiments/sam_refined.yaml", "sam.model_type=tiny")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no coarse model: set sam.coarse_checkpoint" in out.stderr
+
+
+def test_pseudolabel_with_a_missing_checkpoint_names_it(tmp_path: Path) -> None:
+    out = semiseg("pseudolabel", "experiments/sam_refined.yaml", "sam.model_type=tiny",
+                  f"--checkpoint={tmp_path / 'nope'}")
+    assert out.returncode == 2
+    assert f"coarse model checkpoint not found: {tmp_path / 'nope'} (sam.coarse_checkpoint or --checkpoint)" in out.stderr

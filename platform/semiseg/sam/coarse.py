@@ -21,7 +21,7 @@ def checkpoint_file(path: str | Path) -> Path:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise SemisegError(f"coarse model checkpoint not found: {path} (sam.coarse_checkpoint)")
+        raise SemisegError(f"coarse model checkpoint not found: {path} (sam.coarse_checkpoint or --checkpoint)")
     return path
 
 
