@@ -1,6 +1,6 @@
 """Safe defaults, checked on the source and on a running Ray: checkpoints load tensors only,
-YAML loads plain data only, nothing runs through a shell, and a local Ray started by semiseg
-is reachable from this machine only."""
+YAML loads plain data only, nothing unpickles or runs through a shell, and a local Ray started
+by semiseg is reachable from this machine only."""
 
 from __future__ import annotations
 
@@ -35,6 +35,27 @@ def _literal_kw(call: ast.Call, keyword: str) -> bool | None:
     return None
 
 
+def _has_kw(call: ast.Call, keyword: str) -> bool:
+    return any(kw.arg == keyword for kw in call.keywords)
+
+
+def _call_problem(name: str, call: ast.Call) -> str | None:
+    """What is unsafe about one call, if anything."""
+    if name == "torch.load" and _literal_kw(call, "weights_only") is not True:
+        return "torch.load without weights_only=True"
+    if name.startswith("yaml.") and name.split(".", 1)[1] in UNSAFE_YAML:
+        return f"{name} (use yaml.safe_load)"
+    if _has_kw(call, "shell") and _literal_kw(call, "shell") is not False:
+        return f"{name or 'call'}(shell=...) runs through a shell"
+    if name in ("os.system", "os.popen"):
+        return f"{name} runs through a shell"
+    if name in ("pickle.load", "pickle.loads") or (
+            name in ("np.load", "numpy.load") and _has_kw(call, "allow_pickle")
+            and _literal_kw(call, "allow_pickle") is not False):
+        return f"{name} unpickles (runs code from the file)"
+    return None
+
+
 def problems(source: str, where: str) -> list[str]:
     """Every unsafe call in one module's source, as 'where:line: what'."""
     found = []
@@ -42,17 +63,8 @@ def problems(source: str, where: str) -> list[str]:
         if isinstance(node, ast.ImportFrom) and node.module == "yaml":
             found += [f"{where}:{node.lineno}: from yaml import {a.name}"
                       for a in node.names if a.name in UNSAFE_YAML]
-        if not isinstance(node, ast.Call):
-            continue
-        name, line = _dotted(node.func), f"{where}:{node.lineno}"
-        if name == "torch.load" and _literal_kw(node, "weights_only") is not True:
-            found.append(f"{line}: torch.load without weights_only=True")
-        if name.startswith("yaml.") and name.split(".", 1)[1] in UNSAFE_YAML:
-            found.append(f"{line}: {name} (use yaml.safe_load)")
-        if _literal_kw(node, "shell") is not False and any(kw.arg == "shell" for kw in node.keywords):
-            found.append(f"{line}: {name or 'call'}(shell=...) runs through a shell")
-        if name in ("os.system", "os.popen"):
-            found.append(f"{line}: {name} runs through a shell")
+        if isinstance(node, ast.Call) and (what := _call_problem(_dotted(node.func), node)):
+            found.append(f"{where}:{node.lineno}: {what}")
     return found
 
 
@@ -64,10 +76,11 @@ def test_the_scan_catches_each_unsafe_call() -> None:
     """The checker itself: a scan that finds nothing must mean there is nothing."""
     bad = ("import torch, yaml, subprocess, os\nfrom yaml import load\n"
            "torch.load(p)\ntorch.load(p, weights_only=False)\nyaml.load(f)\nyaml.unsafe_load(f)\n"
-           "subprocess.run(c, shell=True)\nsubprocess.Popen(c, shell=flag)\nos.system(c)\n")
-    assert len(problems(bad, "bad.py")) == 8
+           "subprocess.run(c, shell=True)\nsubprocess.Popen(c, shell=flag)\nos.system(c)\n"
+           "pickle.load(f)\nnp.load(p, allow_pickle=True)\n")
+    assert len(problems(bad, "bad.py")) == 10
     good = ("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(f)\n"
-            "subprocess.run(['ls'], shell=False)\nsubprocess.run(['ls'])\n")
+            "subprocess.run(['ls'], shell=False)\nsubprocess.run(['ls'])\nnp.load(p)\n")
     assert problems(good, "good.py") == []
 
 
