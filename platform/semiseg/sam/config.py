@@ -20,10 +20,11 @@ class SamConfig:
     """`semiseg pseudolabel`: the coarse U-Net, a checkpoint.pt (or its folder) or an MLflow run id."""
     output: str = "pseudolabels"
     """`semiseg pseudolabel`: folder for masks/, rows/ and manifest.parquet."""
-    components: Literal["largest", "all"] = "largest"
-    """Prompt the largest connected component of each class, or every one above min_component_size."""
-    min_component_size: int = 10
-    """Smallest component (pixels) that gets a prompt."""
+    components: Literal["largest", "all"] = "all"
+    """Prompt every component of a class above min_component_size, or only the largest one
+    (measured on synthetic: "largest" loses the second lung, docs/RESULTS.md)."""
+    min_component_size: int = 20
+    """Smallest component (pixels) that gets a prompt: drops a coarse model's speckle."""
     two_stage: bool = True
     """Box first, then points + stage-1 logits as a mask prompt (Keuth et al. 2024)."""
     batch_size: int = 8

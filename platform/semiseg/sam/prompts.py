@@ -4,10 +4,10 @@ extent) and a positive point (the most interior pixel, by distance transform); t
 points of the other classes are the negative points. Pure numpy/scipy.
 
 Component policy (`components`):
-- "largest": only the largest connected component of each class (the paper's default: coarse
-  U-Net masks at low label budgets carry speckle that a box around everything would swallow);
-- "all": every component with at least `min_size` pixels gets its own prompt (for classes that
-  are really several blobs, such as left and right lung).
+- "largest": only the largest connected component of each class: a box around everything a
+  coarse model predicts would swallow its speckle;
+- "all": every component with at least `min_size` pixels gets its own prompt, for classes that
+  are really several blobs, such as left and right lung (semiseg's default, sam.components).
 """
 
 from __future__ import annotations
