@@ -39,7 +39,25 @@ def main() -> None:
               f"{', '.join(f'{v:.3f}' for v in d)} | {gap:+.0%} | {pq_text} |")
     print(f"| supervised, all labels | {full.mean():.3f} ± {full.std():.3f} ({len(full)}) | "
           f"{', '.join(f'{v:.3f}' for v in full)} | 100% | - |")
+    _sam_table(uri, args.experiment, args.fraction)
 
+
+def _sam_table(uri: str, experiment: str, fraction: float) -> None:
+    """sam_refined trials: pseudo-label Dice of the coarse U-Net and after SAM, per class."""
+    runs = tracking.search_runs(uri, experiment)
+    runs = runs[(runs["status"] == "FINISHED") & (runs.get("params.method.name") == "sam_refined")
+                & (runs["params.data.label_fraction"].astype(float) == fraction)]
+    if runs.empty or "metrics.sam/dice_before" not in runs:
+        return
+    classes = sorted(c.split("/")[-1] for c in runs.columns if c.startswith("metrics.sam/dice_before/"))
+    print("\n| seed | pseudo-label Dice: coarse U-Net → after SAM | "
+          + " | ".join(f"{c}: before → after" for c in classes) + " |")
+    print("|---|---|" + "---|" * len(classes))
+    for _, run in runs.sort_values("params.train.seed").iterrows():
+        cells = [f"{run[f'metrics.sam/dice_before/{c}']:.3f} → {run[f'metrics.sam/dice_after/{c}']:.3f}"
+                 for c in classes]
+        print(f"| {run['params.train.seed']} | {run['metrics.sam/dice_before']:.3f} → "
+              f"{run['metrics.sam/dice_after']:.3f} | " + " | ".join(cells) + " |")
 
 def _last_pseudo(uri: str, experiment: str, fraction: float) -> dict[str, tuple[float, float]]:
     runs = tracking.search_runs(uri, experiment)

@@ -39,8 +39,11 @@ def ray_local():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
+    from semiseg.distributed.cluster import _loopback_only
+
+    with _loopback_only():  # like semiseg's own local Ray: listeners on 127.0.0.1 only
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+                 configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
