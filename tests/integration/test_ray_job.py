@@ -23,6 +23,17 @@ def _ray(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def _submit_when_agent_is_up(args: list[str], wait_s: float = 90) -> subprocess.CompletedProcess:
+    """The head's job agent starts after its ports open (later still on a loaded machine); Ray
+    answers "No available agent to submit job, please try again later" until then."""
+    deadline = time.time() + wait_s
+    while True:
+        submit = _ray(*args)
+        if "No available agent" not in submit.stderr or time.time() > deadline:
+            return submit
+        time.sleep(2)
+
+
 def test_ray_job_submit_from_a_fresh_clone(ray_head, tmp_path: Path, tiny_overrides) -> None:
     clone = tmp_path / "clone"
     if (REPO / ".git").exists():
@@ -30,11 +41,12 @@ def test_ray_job_submit_from_a_fresh_clone(ray_head, tmp_path: Path, tiny_overri
     else:  # a source tarball: copy what git would have
         pytest.skip("not a git checkout")
     db = tmp_path / "mlruns" / "mlflow.db"  # absolute: a job runs in a temp copy of its dir
-    submit = _ray("job", "submit", "--address", ray_head.dashboard_url, "--no-wait",
-                  "--submission-id", "semiseg-it", "--working-dir", str(clone), "--",
-                  "semiseg", "sweep", "experiments/quickstart.yaml", *tiny_overrides,
-                  "sweep.label_fractions=[0.5]", f"tracking.uri=sqlite:///{db}",
-                  f"ray.storage_path={tmp_path / 'ray'}")
+    submit_args = ["job", "submit", "--address", ray_head.dashboard_url, "--no-wait",
+                   "--submission-id", "semiseg-it", "--working-dir", str(clone), "--",
+                   "semiseg", "sweep", "experiments/quickstart.yaml", *tiny_overrides,
+                   "sweep.label_fractions=[0.5]", f"tracking.uri=sqlite:///{db}",
+                   f"ray.storage_path={tmp_path / 'ray'}"]
+    submit = _submit_when_agent_is_up(submit_args)
     assert submit.returncode == 0, submit.stderr
     deadline = time.time() + 480
     while True:
