@@ -27,7 +27,7 @@ from semiseg.data.splits import make_split
 from semiseg.engine import fit
 
 pytestmark = pytest.mark.integration
-OVERRIDES = ["data.image_size=32", "data.num_images=64", "data.batch_size=4", "model.base_channels=4",
+OVERRIDES = ["data.image_size=32", "data.num_images=40", "data.batch_size=4", "model.base_channels=4",
              "model.depth=2", "train.epochs=1", "train.steps_per_epoch=4", "train.device=cpu",
              "sam.model_type=tiny", "sam.batch_size=2", "sam.cpus_per_actor=0.25"]
 

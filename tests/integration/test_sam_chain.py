@@ -1,6 +1,7 @@
-"""Method sam_refined in a real sweep: one trial runs the whole chain (coarse U-Net -> Ray Data
-SAM refinement -> retrain on labeled + pseudo-labels) and logs it to ONE MLflow run; the model it
-logged is usable by run id as the coarse model of `semiseg pseudolabel`."""
+"""Method sam_refined as a sweep's trial runs it (`run_tracked_trial` under a parent run; the
+Tune layer above it is the same for every method and tested in test_sweep.py): one trial runs
+the whole chain (coarse U-Net -> Ray Data SAM refinement -> retrain on labeled + pseudo-labels)
+and logs it to ONE MLflow run; the model it logged is usable by run id as a coarse model."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from semiseg import tracking
-from semiseg.distributed.tune import run_sweep
+from semiseg.distributed.train import run_tracked_trial
 from semiseg.sam.coarse import load_coarse_model
 
 pytestmark = pytest.mark.integration
 
 
 def test_sam_refined_chain_is_one_tracked_trial(ray_local, tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config("sweep.methods=[sam_refined]", "method.name=sam_refined", "sweep.label_fractions=[0.2]",
+    cfg = tiny_config("method.name=sam_refined", "data.label_fraction=0.2",
                       "sam.model_type=tiny", "sam.batch_size=4", "sam.cpus_per_actor=0.25", "train.epochs=1")
-    outcome = run_sweep(cfg, "it-sam")
-    client = MlflowClient(outcome.uri)
-    exp = client.get_experiment_by_name("quickstart")
-    [run] = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    parent = tracking.start_run(uri, experiment_id, "it-sam", "sweep")
+    run_tracked_trial(cfg, uri, experiment_id, parent)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "sam_refined"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/dice_mean")) == [0]
     # (a random tiny SAM after one coarse epoch may get no prompt, hence no sam/sam_iou/* here)
@@ -33,6 +36,6 @@ def test_sam_refined_chain_is_one_tracked_trial(ray_local, tiny_config, tmp_path
     assert "pseudo/dice" in run.data.metrics  # the final training scored its fixed pseudo-labels
     rows = client.list_artifacts(run.info.run_id, "pseudolabels/round0/rows")
     assert len(rows) > 0
-    checkpoint = tracking.download_checkpoint(outcome.uri, run.info.run_id)
+    checkpoint = tracking.download_checkpoint(uri, run.info.run_id)
     model = load_coarse_model(checkpoint, cfg.model, 4)
     assert isinstance(model, torch.nn.Module)
