@@ -378,3 +378,11 @@ def test_corrupt_engine_checkpoint(tmp_path: Path, content: str) -> None:
         fails(SemisegError, lambda: fit(cfg, data, split, torch.device("cpu"), tmp_path / "run",
                                         resume_from=ckpt),
               str(ckpt / CHECKPOINT_FILE), expected)
+
+
+@pytest.mark.parametrize("dataset", ["folder", "nifti"])
+def test_data_root_that_is_not_a_folder(tmp_path: Path, dataset: str) -> None:
+    missing = tmp_path / "no_such_data"
+    fails(ConfigError, lambda: load_config(None, [f"data.name={dataset}", f"data.root={missing}"]),
+          f"data.root={missing}: no such folder", dataset)
+    assert not missing.exists()

@@ -292,3 +292,7 @@ def _check_names(cfg: Config) -> None:
             cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
         except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser/, a NUL byte, ...
             raise ConfigError(f"data.root={cfg.data.root!r}: not a usable path ({exc})") from None
+        # Checked here, in the driver, so a wrong root stops the sweep before any trial starts
+        # rather than failing every trial in turn on the workers.
+        if not Path(cfg.data.root).is_dir():
+            raise ConfigError(f"data.root={cfg.data.root}: no such folder (the {cfg.data.name} dataset's root)")
