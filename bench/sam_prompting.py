@@ -1,7 +1,7 @@
 """Pseudo-label Dice of a coarse U-Net before and after SAM, for each prompting variant
 (components largest/all x one or two stages), on the same unlabeled images, side by side.
 
-    python bench/sam_prompting.py experiments/results_synthetic.yaml --checkpoint ray_results/<trial>-coarse/checkpoint_<...>
+    python bench/sam_prompting.py experiments/results_synthetic.yaml --checkpoint ray_results/<trial>-coarse
     python bench/sam_prompting.py experiments/results_mni.yaml --checkpoint <dir> --images 48 --seed 1
 
 The checkpoint is any U-Net checkpoint trained on that config's labeled split (a sam_refined

@@ -11,7 +11,7 @@ import torch
 from semiseg.config import ModelConfig
 from semiseg.errors import SemisegError
 from semiseg.models import create_model
-from semiseg.sam.coarse import load_coarse_model, predict_labels
+from semiseg.sam.coarse import checkpoint_file, load_coarse_model, predict_labels
 
 SMALL = ModelConfig(base_channels=4, depth=2)
 
@@ -29,6 +29,12 @@ def test_loads_the_folder_or_the_file(tmp_path: Path) -> None:
         model = load_coarse_model(path, SMALL, 4)
         labels = predict_labels(model, np.zeros((2, 16, 16), np.float32))
         assert labels.shape == (2, 16, 16) and labels.max() < 4
+
+
+def test_ray_train_run_folder_gives_its_newest_checkpoint(tmp_path: Path) -> None:
+    save_engine_checkpoint(tmp_path / "checkpoint_2026-01-01_10-00-00.000001", SMALL, 4)
+    newest = save_engine_checkpoint(tmp_path / "checkpoint_2026-01-01_10-00-05.000001", SMALL, 4)
+    assert checkpoint_file(tmp_path) == newest / "checkpoint.pt"
 
 
 def test_missing(tmp_path: Path) -> None:

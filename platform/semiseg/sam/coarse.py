@@ -16,10 +16,13 @@ from semiseg.models import create_model
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """`checkpoint.pt`, or the folder that holds it, resolved and checked."""
+    """`checkpoint.pt`, the folder that holds it, or a Ray Train run folder (its newest
+    `checkpoint_*/`), resolved and checked."""
     path = Path(path).expanduser().resolve()
     if path.is_dir():
-        path = path / CHECKPOINT_FILE
+        ray_checkpoints = sorted(path.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))  # names sort by time
+        path = path / CHECKPOINT_FILE if (path / CHECKPOINT_FILE).exists() or not ray_checkpoints \
+            else ray_checkpoints[-1]
     if not path.is_file():
         raise SemisegError(f"coarse model checkpoint not found: {path} (sam.coarse_checkpoint or --checkpoint)")
     return path
