@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=32, help="first N unlabeled images of the split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-size", type=int, default=20)
+    p.add_argument("--figure", default="", help="also save a PNG: image, truth, coarse, SAM (the config's variant)")
     args = p.parse_args()
     torch.set_num_threads(2)
     cfg = load_config(args.config, [f"train.seed={args.seed}"])
@@ -56,11 +57,33 @@ def main() -> None:
     print("| pseudo-labels | Dice mean | " + " | ".join(data.classes[1:]) + " | s |")
     print("|---|---|" + "---|" * (data.num_classes - 1) + "---|")
     print(row("coarse U-Net", list(coarse)))
+    refined = {}
     for policy, two_stage in VARIANTS:
         start = time.perf_counter()
         out = SamRefiner(sam, two_stage=two_stage).refine(rgb, list(coarse), data.num_classes, policy, args.min_size)
+        refined[policy, two_stage] = [o.labels for o in out]
         name = f"SAM, {policy} component(s), {'box then points + mask' if two_stage else 'box only'}"
-        print(row(name, [o.labels for o in out], time.perf_counter() - start), flush=True)
+        print(row(name, refined[policy, two_stage], time.perf_counter() - start), flush=True)
+    if args.figure:
+        save_figure(args.figure, rgb, truth, coarse, refined[cfg.sam.components, cfg.sam.two_stage])
+
+
+def save_figure(path: str, rgb: list, truth: np.ndarray, coarse: np.ndarray, refined: list) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = min(4, len(rgb))
+    fig, axes = plt.subplots(rows, 4, figsize=(8, 2 * rows), squeeze=False)
+    for r in range(rows):
+        panels = [(rgb[r], "image"), (truth[r], "truth (hidden)"), (coarse[r], "coarse U-Net"), (refined[r], "SAM-refined")]
+        for ax, (img, title) in zip(axes[r], panels):
+            ax.imshow(img, cmap=None if img.ndim == 3 else "tab10", vmin=0, vmax=9 if img.ndim == 2 else None,
+                      interpolation="nearest")
+            ax.set_title(title if r == 0 else "", fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
