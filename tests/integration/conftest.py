@@ -100,10 +100,11 @@ def ray_head():
         yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=40)
+        try:  # a graceful `ray start --block` shutdown can take half a minute; nothing to save here
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -51,6 +51,27 @@ def assert_complete_files(out: Path, expected: set[int]) -> None:
         Image.open(mask).load()  # every mask under a final name decodes
 
 
+def _kill_ray_of(ray_tmp: str, wait_s: float = 30) -> None:
+    """Ray's daemons and workers start their own sessions, so the driver's process group does
+    not hold them; they all name the temp dir in their command lines."""
+    deadline = time.time() + wait_s
+    while subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True).returncode == 0:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+        assert time.time() < deadline, f"Ray processes of {ray_tmp} survive SIGKILL"
+        time.sleep(0.2)
+
+
+def _settled_rows(out: Path) -> set[int]:
+    """The indices done, once no writer is left to add one."""
+    before: set[int] = set()
+    while True:
+        done = {int(p.name[:6]) for p in (out / "rows").glob("*.json")}
+        if done == before:
+            return done
+        before = done
+        time.sleep(1)
+
+
 def test_killed_run_resumes_without_partial_files(ray_local, coarse, tmp_path: Path) -> None:
     from semiseg.distributed.pseudolabel import run_pseudolabel
 
@@ -74,8 +95,8 @@ def test_killed_run_resumes_without_partial_files(ray_local, coarse, tmp_path: P
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
-    done_before = {int(p.name[:6]) for p in (out / "rows").glob("*.json")}
+        _kill_ray_of(ray_tmp)
+    done_before = _settled_rows(out)
     assert 4 <= len(done_before) < len(split.unlabeled), "the kill came too late to test resuming"
     assert_complete_files(out, done_before)
     (out / "masks" / ".000000_x.png.1.tmp").write_bytes(b"\x89PNG half")  # as a kill mid-write leaves

@@ -1,7 +1,7 @@
 """`semiseg pseudolabel`: SAM-refined pseudo-labels for a dataset's unlabeled split, as a Ray Data
 pipeline (Keuth et al. 2024, steps 1-3):
 
-    indices -> read + preprocess (CPU) -> coarse U-Net (actors) -> prompts + SAM (actors) -> write (CPU)
+    indices -> read + preprocess (CPU) -> coarse U-Net, prompts, SAM (GPU actors) -> write (CPU)
 
 Actors take `sam.gpus_per_actor` GPUs and fractional CPUs (`sam.cpus_per_actor`), so that every
 stage fits at once on a 2-CPU machine (whole-CPU actors there deadlock). Each image's mask and
@@ -61,25 +61,13 @@ class ReadImages:
                 "rgb": np.stack([to_uint8_rgb(im) for im in images])}
 
 
-class CoarseStage:
-    """Step 1: the U-Net trained on the labeled images predicts coarse label maps."""
-
-    def __init__(self, checkpoint: str, model_cfg: dict[str, Any], num_classes: int, gpus: float) -> None:
-        self.device = _device(gpus)
-        self.model = load_coarse_model(checkpoint, ModelConfig(**model_cfg), num_classes, self.device)
-
-    def __call__(self, batch: Batch) -> Batch:
-        batch["coarse"] = predict_labels(self.model, batch.pop("image"), self.device)
-        return batch
-
-
 class SamStage:
     """Steps 2-3: prompts from the coarse maps, SAM refines them (encoder batched over images)."""
 
     def __init__(self, sam_cfg: dict[str, Any], checkpoint: str, num_classes: int) -> None:
         self.cfg = SamConfig(**sam_cfg)
-        device = _device(self.cfg.gpus_per_actor)
-        self.refiner = SamRefiner(build_sam(self.cfg.model_type, checkpoint), device, self.cfg.two_stage,
+        self.device = _device(self.cfg.gpus_per_actor)
+        self.refiner = SamRefiner(build_sam(self.cfg.model_type, checkpoint), self.device, self.cfg.two_stage,
                                   encoder_batch=self.cfg.batch_size)
         self.num_classes = num_classes
 
@@ -93,6 +81,21 @@ class SamStage:
                 scores[i, class_id] = score
         batch["scores"] = scores
         return batch
+
+
+class CoarseSamStage(SamStage):
+    """Steps 1-3 in one actor: the U-Net trained on the labeled images predicts coarse maps, then
+    SAM refines them. One stage, so a batch never leaves the GPU between the two models and each
+    actor start-up (a process importing torch and loading weights) happens once, not twice."""
+
+    def __init__(self, checkpoint: str, model_cfg: dict[str, Any], sam_cfg: dict[str, Any],
+                 sam_checkpoint: str, num_classes: int) -> None:
+        super().__init__(sam_cfg, sam_checkpoint, num_classes)
+        self.model = load_coarse_model(checkpoint, ModelConfig(**model_cfg), num_classes, self.device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch["coarse"] = predict_labels(self.model, batch.pop("image"), self.device)
+        return super().__call__(batch)
 
 
 def write_batch(batch: Batch, root: str, classes: list[str], ids: list[str]) -> Batch:
@@ -147,11 +150,9 @@ def _run_pipeline(cfg: Config, todo: list[int], coarse: str, sam_path: str, stor
     ds = ray.data.from_items([{"index": i} for i in todo])
     ds = ds.map_batches(ReadImages, fn_constructor_kwargs={"data_cfg": cfg.to_dict()["data"]},
                         concurrency=1, num_cpus=sam.cpus_per_actor, batch_size=sam.batch_size)
-    ds = ds.map_batches(CoarseStage, fn_constructor_kwargs={
-        "checkpoint": coarse, "model_cfg": cfg.to_dict()["model"], "num_classes": len(classes),
-        "gpus": sam.gpus_per_actor}, **actor)
-    ds = ds.map_batches(SamStage, fn_constructor_kwargs={
-        "sam_cfg": cfg.to_dict()["sam"], "checkpoint": sam_path, "num_classes": len(classes)}, **actor)
+    ds = ds.map_batches(CoarseSamStage, fn_constructor_kwargs={
+        "checkpoint": coarse, "model_cfg": cfg.to_dict()["model"], "sam_cfg": cfg.to_dict()["sam"],
+        "sam_checkpoint": sam_path, "num_classes": len(classes)}, **actor)
     ds = ds.map_batches(write_batch, fn_kwargs={"root": str(store.root), "classes": classes, "ids": ids},
                         num_cpus=sam.cpus_per_actor, batch_size=sam.batch_size)
     written, begin = 0, time.time()
