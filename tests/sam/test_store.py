@@ -58,3 +58,10 @@ def test_image_dice() -> None:
     truth = np.array([[1, 0, 0, 0]])
     scores = image_dice(pred, truth, 4)
     assert scores[0] == pytest.approx(2 / 3) and scores[1] == 0.0 and math.isnan(scores[2])
+
+
+def test_a_folder_made_by_another_model_is_not_resumed(tmp_path: Path) -> None:
+    PseudoLabelStore(tmp_path, CLASSES).claim({"coarse_sha256": "aaa", "seed": 0})
+    PseudoLabelStore(tmp_path, CLASSES).claim({"coarse_sha256": "aaa", "seed": 0})  # same: resumes
+    with pytest.raises(SemisegError, match="different coarse_sha256; use another output folder"):
+        PseudoLabelStore(tmp_path, CLASSES).claim({"coarse_sha256": "bbb", "seed": 0})

@@ -28,7 +28,7 @@ from semiseg.distributed.cluster import connect
 from semiseg.errors import SemisegError
 from semiseg.sam.coarse import checkpoint_file, load_coarse_model, predict_labels
 from semiseg.sam.config import SamConfig
-from semiseg.sam.models import build_sam, mobilesam_checkpoint
+from semiseg.sam.models import build_sam, mobilesam_checkpoint, sha256
 from semiseg.sam.refiner import SamRefiner, to_uint8_rgb
 from semiseg.sam.store import PseudoLabelStore
 
@@ -125,6 +125,8 @@ def run_pseudolabel(cfg: Config, coarse_checkpoint: str = "", output: str = "",
     load_coarse_model(coarse, cfg.model, data.num_classes)  # a wrong model fails here, clearly
     sam_path = sam_checkpoint(cfg.sam)
     store = PseudoLabelStore(output or cfg.sam.output, data.classes)
+    store.claim({"data": cfg.to_dict()["data"], "seed": cfg.train.seed, "sam": cfg.sam.identity(),
+                 "coarse_sha256": sha256(Path(coarse))})
     store.remove_stale_temp_files()
     done = store.done()
     todo = [i for i in split.unlabeled if i not in done]

@@ -52,6 +52,20 @@ class PseudoLabelStore:
     def stem(index: int, image_id: str) -> str:
         return f"{index:06d}_{re.sub(r'[^A-Za-z0-9._-]', '_', image_id)}"
 
+    def claim(self, identity: dict[str, Any]) -> None:
+        """Record what makes these pseudo-labels (data, split, coarse model, SAM settings) on first
+        use, and refuse to resume a folder made by something else: skipping its done images
+        would silently mix two sets of pseudo-labels."""
+        path = self.root / "identity.json"
+        if path.exists():
+            found = json.loads(path.read_text())
+            if found != identity:
+                changed = sorted(k for k in set(found) | set(identity) if found.get(k) != identity.get(k))
+                raise SemisegError(f"{self.root} holds pseudo-labels made with a different {', '.join(changed)}; "
+                                   f"use another output folder or delete this one")
+            return
+        _atomic(path, lambda tmp: tmp.write_text(json.dumps(identity, sort_keys=True)))
+
     def remove_stale_temp_files(self) -> int:
         """Temp files a killed run left (hidden names, never read). Only the driver calls this,
         before any writer starts: a running writer's temp file must not be pulled away."""
