@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from semiseg.checkpoint_io import read_weights_only
 from semiseg.config import Config
 from semiseg.data.base import SegData
 from semiseg.data.sampling import RandomBatches, SplitTensors, Subset, split_tensors
@@ -110,10 +111,7 @@ class Trainer:
 
     def load(self, directory: Path) -> None:
         path = directory / CHECKPOINT_FILE
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as exc:  # noqa: BLE001  (pickle, zip, EOF and OS errors: all "unreadable")
-            raise SemisegError(f"cannot read checkpoint {path}: {exc}") from None
+        state = read_weights_only(path, "checkpoint")  # to CPU; load_state_dict copies to the device
         if not isinstance(state, dict):
             raise SemisegError(f"checkpoint {path} holds a {type(state).__name__}, not a semiseg training state")
         if state.get("config_hash") != self.cfg.config_hash():

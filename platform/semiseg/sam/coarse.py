@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from semiseg.checkpoint_io import mismatch_summary, read_weights_only
 from semiseg.config import ModelConfig
 from semiseg.engine import CHECKPOINT_FILE
 from semiseg.errors import SemisegError
@@ -31,10 +32,7 @@ def checkpoint_file(path: str | Path) -> Path:
 def load_coarse_model(path: str | Path, model_cfg: ModelConfig, num_classes: int,
                       device: torch.device | str = "cpu") -> nn.Module:
     file = checkpoint_file(path)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (pickle, zip and EOF errors all mean "not a checkpoint")
-        raise SemisegError(f"cannot read coarse model checkpoint {file}: {exc}") from None
+    state = read_weights_only(file, "coarse model checkpoint")
     weights = state.get("best_model") or state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise SemisegError(f"{file}: not a semiseg training checkpoint (no 'model' weights)")
@@ -42,10 +40,9 @@ def load_coarse_model(path: str | Path, model_cfg: ModelConfig, num_classes: int
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise SemisegError(f"{file} was trained with a different model than model.{model_cfg.name} "
                            f"(base_channels={model_cfg.base_channels}, depth={model_cfg.depth}, "
-                           f"{num_classes} classes): {first[:200]}") from None
+                           f"{num_classes} classes): {mismatch_summary(exc, 200)}") from None
     return model.to(device).eval()
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from semiseg.checkpoint_io import mismatch_summary, read_weights_only
 from semiseg.errors import SemisegError
 from semiseg.sam.compat import ensure_sam_imports
 
@@ -107,18 +108,14 @@ def build_sam(model_type: str, checkpoint: str = "") -> nn.Module:
 def load_weights(model: nn.Module, path: Path, model_type: str) -> None:
     if not path.is_file():
         raise SamCheckpointError(f"SAM checkpoint not found: {path} (sam.checkpoint)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (pickle, zip and EOF errors all mean "not a checkpoint")
-        raise SamCheckpointError(f"cannot read SAM checkpoint {path}: {exc}") from None
+    state = read_weights_only(path, "SAM checkpoint", SamCheckpointError)
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise SamCheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        missing = str(exc).splitlines()[1][:300] if len(str(exc).splitlines()) > 1 else str(exc)[:300]
-        raise SamCheckpointError(f"{path} does not fit sam.model_type={model_type}: {missing}") from None
+        raise SamCheckpointError(f"{path} does not fit sam.model_type={model_type}: {mismatch_summary(exc)}") from None
 
 
 def tiny_sam(image_size: int = 64, dim: int = 32) -> nn.Module:
