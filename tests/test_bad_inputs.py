@@ -23,8 +23,9 @@ from PIL import Image
 from semiseg.config import DataConfig, load_config
 from semiseg.data import SegData, load_dataset
 from semiseg.data.splits import make_split
-from semiseg.engine import CHECKPOINT_FILE, fit
+from semiseg.engine import CHECKPOINT_FILE, build_trainer, fit
 from semiseg.errors import ConfigError, DatasetError, SemisegError
+from semiseg.preflight import check_paths
 
 CLASSES_YAML = "classes: [background, liver, kidney]\n"
 
@@ -350,14 +351,14 @@ def test_checkpoint_from_different_model(tmp_path: Path, other: str) -> None:
     split = make_split(data, cfg.data, cfg.train.seed)
     ckpt = tmp_path / "ckpt"
     if other == "wider_unet":
-        fit(load_config(None, [*TINY, "model.base_channels=4"]), data, split,
-            torch.device("cpu"), ckpt)
+        fit(build_trainer(load_config(None, [*TINY, "model.base_channels=4"]), data, split,
+                          torch.device("cpu")), ckpt)
     else:
         ckpt.mkdir()
         _bare_state_dict(ckpt / CHECKPOINT_FILE)
     with untouched(ckpt):
-        fails(SemisegError, lambda: fit(cfg, data, split, torch.device("cpu"), tmp_path / "run",
-                                        resume_from=ckpt),
+        fails(SemisegError, lambda: fit(build_trainer(cfg, data, split, torch.device("cpu")),
+                                        tmp_path / "run", resume_from=ckpt),
               str(ckpt / CHECKPOINT_FILE), "different config")
     assert not (tmp_path / "run").exists()  # no epoch ran, so no checkpoint was written
 
@@ -375,14 +376,15 @@ def test_corrupt_engine_checkpoint(tmp_path: Path, content: str) -> None:
         torch.save(torch.zeros(3), ckpt / CHECKPOINT_FILE)
     expected = "cannot read checkpoint" if content == "garbage" else "not a semiseg training state"
     with untouched(ckpt):
-        fails(SemisegError, lambda: fit(cfg, data, split, torch.device("cpu"), tmp_path / "run",
-                                        resume_from=ckpt),
+        fails(SemisegError, lambda: fit(build_trainer(cfg, data, split, torch.device("cpu")),
+                                        tmp_path / "run", resume_from=ckpt),
               str(ckpt / CHECKPOINT_FILE), expected)
 
 
 @pytest.mark.parametrize("dataset", ["folder", "nifti"])
 def test_data_root_that_is_not_a_folder(tmp_path: Path, dataset: str) -> None:
     missing = tmp_path / "no_such_data"
-    fails(ConfigError, lambda: load_config(None, [f"data.name={dataset}", f"data.root={missing}"]),
+    # the driver's check (semiseg check / train / sweep / pseudolabel), before any trial
+    fails(ConfigError, lambda: check_paths(load_config(None, [f"data.name={dataset}", f"data.root={missing}"])),
           f"data.root={missing}: no such folder", dataset)
     assert not missing.exists()

@@ -16,7 +16,8 @@ def semiseg(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sweep"], ["report"], ["methods"], ["datasets"]])
+@pytest.mark.parametrize("command", [[], ["check"], ["train"], ["sweep"], ["report"], ["methods"],
+                                     ["datasets"]])
 def test_help(command: list[str]) -> None:
     out = semiseg(*command, "--help")
     assert out.returncode == 0, out.stderr
@@ -49,6 +50,12 @@ def test_datasets_lists_registry() -> None:
         (["sweep", "experiments/quickstart.yaml", "data.label_fraction=1.5"], "(0, 1]"),
         (["sweep", "experiments/quickstart.yaml", "data.batch_size=0"], "positive"),
         (["sweep", "experiments/quickstart.yaml", "epochs"], "expected key=value"),
+        (["check", "experiments/sam_refined.yaml", "method.params.rounds=0"],
+         "method.params.rounds=0: expected an integer >= 1"),
+        (["check", "experiments/quickstart.yaml", "sweep.methods=[supervised,sam_refined]",
+          "sweep.params={sam_refined.rounds: [1, 0]}"], "method.params.rounds=0: expected an integer >= 1"),
+        (["check", "experiments/quickstart.yaml", "data.name=folder", "data.root=no/such/dir"],
+         f"data.root={REPO / 'no/such/dir'}: no such folder"),
     ],
 )
 def test_bad_input_exits_2_with_clear_message(args: list[str], expected: str) -> None:
@@ -58,11 +65,47 @@ def test_bad_input_exits_2_with_clear_message(args: list[str], expected: str) ->
     assert "Traceback" not in out.stderr
 
 
-def test_bad_input_writes_nothing(tmp_path: Path) -> None:
-    """A rejected config fails before any run, Ray session or store is created."""
-    out = semiseg("sweep", str(REPO / "experiments" / "quickstart.yaml"), "train.epochs=0", cwd=tmp_path)
-    assert out.returncode == 2
+@pytest.mark.parametrize("override, expected", [
+    ("train.epochs=0", "train.epochs=0"),
+    ("method.params.rounds=0", "method.params.rounds=0"),  # the method's params, in range
+    ("sweep.params={sam_refined.rounds: [1, 0]}", "method.params.rounds=0"),  # every grid value
+])
+def test_bad_input_writes_nothing(tmp_path: Path, override: str, expected: str) -> None:
+    """A rejected config fails before any run, Ray session or store (./mlruns) is created."""
+    out = semiseg("sweep", str(REPO / "experiments" / "sam_refined.yaml"), override, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert expected in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+_CHECK_IN_PROCESS = """
+import contextlib, io, json, sys
+from semiseg.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = main(["check", "experiments/sam_refined.yaml", "method.params.rounds=2"])
+print(json.dumps({"code": code, "stdout": out.getvalue(),
+                  "imported": [m for m in ("ray", "mlflow") if m in sys.modules]}))
+"""
+
+
+def test_check_prints_the_resolved_config_and_its_hash_without_ray_or_mlflow() -> None:
+    import json
+
+    import yaml
+
+    from semiseg.config import from_dict, load_config
+
+    proc = subprocess.run([sys.executable, "-c", _CHECK_IN_PROCESS], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and result["imported"] == []
+    expected = load_config(REPO / "experiments" / "sam_refined.yaml", ["method.params.rounds=2"])
+    printed = yaml.safe_load(result["stdout"])  # the hash and stages are YAML comments
+    assert from_dict(printed) == expected  # the printed config is the resolved one, loadable
+    assert f"# config_hash: {expected.config_hash()}" in result["stdout"]
+    assert "round1 (train sam_refined)" in result["stdout"]  # the chain it would run
 
 
 def test_pseudolabel_without_a_coarse_model_is_a_clear_error() -> None:

@@ -1,4 +1,5 @@
-"""Config loading, dotted overrides, validation messages and the run identity (config_hash)."""
+"""Config loading, dotted overrides, validation messages (method params and every combination of
+the sweep grid included), the driver's path checks and the run identity (config_hash)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from semiseg.config import Config, load_config
+from semiseg.config import Config, MethodConfig, load_config, method_grid
 from semiseg.errors import ConfigError, RegistryError, SemisegError
+from semiseg.preflight import check_paths
 
 REPO = Path(__file__).resolve().parents[1]
 # Experiment configs; experiments/schedules/ holds Kubernetes manifests (tests/test_schedules.py).
@@ -224,6 +226,75 @@ def test_unknown_method_param() -> None:
 def test_bad_sweep_params_key() -> None:
     with pytest.raises(ConfigError, match="sweep.params"):
         load_config(None, ["sweep.params={magic.threshold: [0.9]}"])
+
+
+# ---- method params: in range at load, for the method and every sweep grid combination --------
+
+# (method, param, out-of-range value): one example per method, so each Config's checks count.
+OUT_OF_RANGE = [
+    ("sam_refined", "rounds", 0),
+    ("sam_refined", "unlabeled_weight", -1),
+    ("mean_teacher", "consistency_weight", -0.5),
+    ("mean_teacher", "ema_decay", 1.5),
+    ("pseudo_label", "threshold", 1.5),
+    ("pseudo_label", "unlabeled_weight", -1),
+    ("reference_guided", "k", 0),
+    ("local_contrastive", "temperature", 0),
+    ("low_confidence", "separation_weight", -1),
+]
+OUT_OF_RANGE_IDS = [f"{m}.{k}={v}" for m, k, v in OUT_OF_RANGE]
+
+
+@pytest.mark.parametrize("method, key, value", OUT_OF_RANGE, ids=OUT_OF_RANGE_IDS)
+def test_method_params_out_of_range(method: str, key: str, value) -> None:
+    with pytest.raises(ConfigError, match=f"method.params.{key}="):
+        load_config(None, [f"method.name={method}", f"method.params.{key}={value}"])
+
+
+@pytest.mark.parametrize("method, key, value", OUT_OF_RANGE, ids=OUT_OF_RANGE_IDS)
+def test_sweep_grid_value_out_of_range(method: str, key: str, value) -> None:
+    """A bad value anywhere in the grid fails at load, naming the key, though the config's own
+    method is another one and the other grid values are fine."""
+    with pytest.raises(ConfigError, match=f"method.params.{key}=") as info:
+        load_config(None, [f"sweep.methods=[supervised,{method}]",
+                           f"sweep.params={{{method}.{key}: [{value}]}}"])
+    assert method in str(info.value) and "sweep grid" in str(info.value)
+
+
+def test_sweep_grid_combination_of_two_params_is_checked() -> None:
+    """Every combination is built, not each value alone with the defaults."""
+    cfg = load_config(None, ["sweep.methods=[sam_refined]",
+                             "sweep.params={sam_refined.rounds: [1, 2], sam_refined.min_sam_iou: [0.0, 0.5]}"])
+    settings = method_grid(cfg)
+    assert [s.params for s in settings] == [
+        {"rounds": 1, "min_sam_iou": 0.0}, {"rounds": 1, "min_sam_iou": 0.5},
+        {"rounds": 2, "min_sam_iou": 0.0}, {"rounds": 2, "min_sam_iou": 0.5}]
+    assert all(s == MethodConfig("sam_refined", s.params) for s in settings)
+
+
+def test_method_grid_keeps_the_config_s_own_params() -> None:
+    cfg = load_config(None, ["method.name=pseudo_label", "method.params={unlabeled_weight: 0.5}",
+                             "sweep.methods=[supervised,pseudo_label]",
+                             "sweep.params={pseudo_label.threshold: [0.9, 0.95]}"])
+    assert method_grid(cfg) == [
+        MethodConfig("supervised", {}),
+        MethodConfig("pseudo_label", {"unlabeled_weight": 0.5, "threshold": 0.9}),
+        MethodConfig("pseudo_label", {"unlabeled_weight": 0.5, "threshold": 0.95})]
+
+
+# ---- data.root: checked on disk by the driver, not by loading ---------------------------------
+
+
+def test_data_root_is_checked_by_the_driver_not_at_load(tmp_path: Path, monkeypatch) -> None:
+    missing = tmp_path / "no_such_data"
+    cfg = load_config(None, ["data.name=folder", f"data.root={missing}"])  # loading stays pure
+    with pytest.raises(ConfigError, match=f"data.root={missing}: no such folder"):
+        check_paths(cfg)
+    (tmp_path / "data").mkdir()
+    cfg = load_config(None, ["data.name=folder", "data.root=data"])
+    monkeypatch.chdir(tmp_path)
+    check_paths(cfg)
+    assert cfg.data.root == str((tmp_path / "data").resolve())  # absolute: trials run elsewhere
 
 
 # ---- identity --------------------------------------------------------------------------------

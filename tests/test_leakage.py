@@ -28,15 +28,13 @@ from PIL import Image
 from semiseg.config import Config, DataConfig, load_config
 from semiseg.data import SegData, load_dataset
 from semiseg.data.splits import Split, labeled_count, make_split
-from semiseg.engine import FitResult, Trainer, fit
+from semiseg.engine import FitResult, build_trainer, fit
 from semiseg.methods import METHODS
 
 CPU = torch.device("cpu")
 TINY = ["data.image_size=16", "data.batch_size=2", "data.label_fraction=0.25",
         "model.base_channels=2", "model.depth=1", "train.epochs=2", "train.steps_per_epoch=2",
         "train.device=cpu"]
-# Methods that need inputs beyond a dataset (sam_refined: a SAM pseudo-label manifest).
-NEEDS_MORE = {"sam_refined"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +81,13 @@ def folder_config(root: Path, *overrides: str) -> Config:
     return load_config(None, [*TINY, "data.name=folder", f"data.root={root}", *overrides])
 
 
+def inputs_for(name: str, data: SegData, split: Split, stage_inputs) -> list[str]:
+    """Overrides setting what a multi-stage method's last stage reads from earlier stages, as
+    stand-ins for the split's unlabeled images (tests/conftest.py); none for most methods."""
+    inputs = stage_inputs(name, split.unlabeled, data.masks.shape[1:], data.num_classes)
+    return [f"method.params.{key}={value}" for key, value in inputs.items()]
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, SegData, Split]:
     cfg = folder_config(write_folder(tmp_path_factory.mktemp("folder")))
@@ -116,14 +121,13 @@ def test_roles_disjoint_by_id_and_patient(kind: str, tmp_path: Path) -> None:
                 assert not roles["train"] & roles["val"], (split_seed, seed)
 
 
-def test_engine_tensors_hold_no_test_index(folder) -> None:
+def test_engine_tensors_hold_no_test_index(folder, stage_inputs) -> None:
     """What the engine trains on (labeled, unlabeled) and selects on (val) excludes test."""
     cfg, data, split = folder
     for name in METHODS.names():
-        if name in NEEDS_MORE:
-            continue
-        trainer = Trainer(load_config(None, [*TINY, "data.name=folder", f"data.root={cfg.data.root}",
-                                             f"method.name={name}"]), data, split, CPU)
+        trainer = build_trainer(folder_config(Path(cfg.data.root), f"method.name={name}",
+                                              *inputs_for(name, data, split, stage_inputs)),
+                                data, split, CPU)
         t = trainer.tensors
         test = set(split.test)
         assert set(t.test.index.tolist()) == test
@@ -156,7 +160,7 @@ class Epochs:
 
 def run(cfg: Config, data: SegData, split: Split, workdir: Path) -> tuple[list[dict], FitResult]:
     rec = Epochs()
-    result = fit(cfg, data, split, CPU, workdir, callbacks=[rec])
+    result = fit(build_trainer(cfg, data, split, CPU), workdir, callbacks=[rec])
     return rec.metrics, result
 
 
@@ -193,18 +197,18 @@ def test_labeled_count_is_round_half_up(folder, fraction: float) -> None:
         assert len(split.labeled) == labeled_count(fraction, n) == max(1, int(exact))
 
 
-def test_same_labeled_set_for_every_method(folder) -> None:
+def test_same_labeled_set_for_every_method(folder, stage_inputs) -> None:
     """Paired comparison: at one (fraction, seed), every method's engine trains on the same
     labeled images."""
     cfg, data, _ = folder
     for seed in (0, 1):
         labeled_sets = set()
+        seed_split = make_split(data, cfg.data, seed)  # for the stand-in stage inputs
         for name in METHODS.names():
-            if name in NEEDS_MORE:
-                continue
-            mcfg = folder_config(Path(cfg.data.root), f"method.name={name}", f"train.seed={seed}")
+            mcfg = folder_config(Path(cfg.data.root), f"method.name={name}", f"train.seed={seed}",
+                                 *inputs_for(name, data, seed_split, stage_inputs))
             split = make_split(data, mcfg.data, mcfg.train.seed)
-            labeled_sets.add(tuple(Trainer(mcfg, data, split, CPU).tensors.labeled.index.tolist()))
+            labeled_sets.add(tuple(build_trainer(mcfg, data, split, CPU).tensors.labeled.index.tolist()))
         assert len(labeled_sets) == 1, seed
 
 

@@ -10,28 +10,38 @@ it is added:
   a method whose unlabeled batch silently does nothing fails here. Such methods must also log
   "loss_unsup" in `StepOutput.logs`;
 - `eval_model()` is a module and `state_dict()`/`load_state_dict()` round-trip (e.g. a teacher);
+  it is the student exactly when `evaluates == "student"`;
+- the constructor stores `total_steps`;
+- `stages(cfg)` is plain data that can run and ends in a TrainStage of the method itself, and
+  `identity_sections` name config sections;
 - the default Config builds from `{}` and unknown params are refused.
+
+Multi-stage methods are built like any other: the params their last stage reads from earlier
+stages (e.g. sam_refined's manifest) come from the `stage_inputs` fixture (tests/conftest.py),
+and unlabeled batches carry the method's `fixed_targets` as the engine hands them.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from semiseg.config import Config, MethodConfig
 from semiseg.errors import ConfigError
-from semiseg.methods import METHODS, Batch, Method, StepOutput, method_config
+from semiseg.methods import (METHODS, Batch, Method, PseudoLabelStage, StepOutput, TrainStage,
+                             method_config)
+from semiseg.methods.stages import check_stages
 from semiseg.models import create_model
-from semiseg.sam.store import PseudoLabelStore
 
 NUM_CLASSES = 4
 NAMES = METHODS.names()
@@ -45,26 +55,26 @@ def make_batch(seed: int, labeled: bool, n: int = 4, size: int = 32) -> Batch:
     return Batch(image, strong, mask, torch.arange(n))
 
 
-@functools.cache
-def sam_manifest() -> str:
-    """A real pseudo-label manifest (random labels) for the make_batch indices and sizes."""
-    store = PseudoLabelStore(tempfile.mkdtemp(prefix="semiseg-manifest-"), [f"c{i}" for i in range(NUM_CLASSES)])
-    rng = np.random.default_rng(0)
-    for index in range(200):
-        store.write(index, f"img{index}", rng.integers(0, NUM_CLASSES, (32, 32)), {1: 0.9})
-    return str(store.write_manifest())
+def unlabeled_batch(method: Method, seed: int) -> Batch:
+    """An unlabeled batch as the engine hands it: with the method's fixed targets, if any."""
+    batch = make_batch(seed, labeled=False)
+    batch.fixed_target = method.fixed_targets(batch.index)
+    return batch
 
 
-# Params a method cannot run without: sam_refined reads its pseudo-labels from a manifest.
-REQUIRED_PARAMS = {"sam_refined": lambda: {"manifest": sam_manifest()}}
+@pytest.fixture
+def build(stage_inputs):
+    """build(name) -> (model, method): a small U-Net and the method with its default params
+    plus whatever its last stage reads from earlier stages."""
 
+    def make(name: str, **kwargs) -> tuple[nn.Module, Method]:
+        torch.manual_seed(0)
+        model = create_model("unet", 1, NUM_CLASSES, base_channels=4, depth=2)
+        params = stage_inputs(name, range(8), (32, 32), NUM_CLASSES)
+        method = METHODS.get(name)(model, method_config(name, params), NUM_CLASSES, **kwargs)
+        return model, method
 
-def build(name: str) -> tuple[nn.Module, Method]:
-    torch.manual_seed(0)
-    model = create_model("unet", 1, NUM_CLASSES, base_channels=4, depth=2)
-    params = REQUIRED_PARAMS.get(name, dict)()
-    method = METHODS.get(name)(model, method_config(name, params), NUM_CLASSES)
-    return model, method
+    return make
 
 
 def test_registry_not_empty() -> None:
@@ -77,10 +87,58 @@ def test_registered_under_its_name(name: str) -> None:
     assert issubclass(cls, Method)
     assert cls.name == name
     assert isinstance(cls.uses_unlabeled, bool)
+    assert isinstance(cls.evaluates, str) and cls.evaluates
+    if cls.uses_unlabeled:
+        assert cls.unlabeled_loss is not Method.unlabeled_loss, (
+            f"{name}: methods with uses_unlabeled=True must implement unlabeled_loss(unlabeled, step)")
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_two_training_steps(name: str) -> None:
+def test_stages_are_plain_data_that_can_run(name: str) -> None:
+    cfg = Config(method=MethodConfig(name))
+    stages = METHODS.get(name).stages(cfg)
+    check_stages(stages, name)
+    assert all(type(s) in (TrainStage, PseudoLabelStage) for s in stages)
+    assert all(dataclasses.is_dataclass(s) for s in stages)
+    last = stages[-1]
+    assert last.method == name  # the trial's model is the method's own
+    for stage in stages:
+        if isinstance(stage, TrainStage):
+            method_config(stage.method, stage.params)  # every stage's params are valid
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ([], "none; expected at least one TrainStage"),
+    ([TrainStage("supervised", name="a"), PseudoLabelStage("p", model="a")],
+     "the last is PseudoLabelStage; expected a TrainStage"),
+    ([TrainStage("x", inputs={"manifest": "p"})], "stage '' reads 'p', which no earlier stage outputs"),
+    ([TrainStage("supervised", name="a"), PseudoLabelStage("p", model="a"),
+      PseudoLabelStage("q", model="p"), TrainStage("x")], "needs a model from a TrainStage, not 'p'"),
+    ([TrainStage("supervised", name="a"), TrainStage("x", name="a")], "two stages are named 'a'"),
+])
+def test_stages_that_cannot_run_are_refused(stages, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_stages(stages, "x")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identity_sections_are_config_sections(name: str) -> None:
+    sections = METHODS.get(name).identity_sections
+    assert isinstance(sections, tuple)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert set(sections) <= fields - {"data", "model", "method", "train"}, sections
+    cfg = Config(method=MethodConfig(name))
+    assert set(cfg.identity()) == {"data", "model", "method", "train", *sections}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stores_total_steps(build, name: str) -> None:
+    _, method = build(name, total_steps=123)
+    assert method.total_steps == 123
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_training_steps(build, name: str) -> None:
     model, method = build(name)
     cls = type(method)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -89,7 +147,7 @@ def test_two_training_steps(name: str) -> None:
     method.on_epoch_start(0)
     for step in range(2):
         labeled = make_batch(step, labeled=True)
-        unlabeled = make_batch(100 + step, labeled=False)
+        unlabeled = unlabeled_batch(method, 100 + step)
         out = method.training_step(labeled, unlabeled, step)
         assert isinstance(out, StepOutput)
         assert out.loss.dim() == 0 and torch.isfinite(out.loss), out.loss
@@ -115,7 +173,7 @@ def test_two_training_steps(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_without_unlabeled_batch(name: str) -> None:
+def test_without_unlabeled_batch(build, name: str) -> None:
     """The engine passes unlabeled=None when a method does not use unlabeled images, and to
     every method when the label fraction is 1.0 (no unlabeled images exist)."""
     model, method = build(name)
@@ -126,22 +184,28 @@ def test_without_unlabeled_batch(name: str) -> None:
     out.loss.backward()
 
 
+# Params for the unlabeled-gradient test only. unimatch labels from the clean half of its clean +
+# feature-perturbed pass, where an untrained model is confident (>= 0.95) on no pixel, so at its
+# default threshold there is rightly nothing to learn yet; a lower one lets the test check the
+# wiring (the unlabeled terms reach the student).
+UNLABELED_TEST_PARAMS = {"unimatch": {"threshold": 0.5}}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_unlabeled_term_trains_the_student(name: str) -> None:
+def test_unlabeled_term_trains_the_student(build, name: str) -> None:
     model, method = build(name)
+    method.cfg = dataclasses.replace(method.cfg, **UNLABELED_TEST_PARAMS.get(name, {}))
     if not type(method).uses_unlabeled:
         pytest.skip(f"{name} does not use unlabeled images")
-    assert hasattr(method, "unlabeled_loss"), (
-        f"{name}: methods with uses_unlabeled=True must expose unlabeled_loss(unlabeled, step)")
     model.train()
     # warm up any state (EMA teacher, banks) with one ordinary step first
     method.on_epoch_start(0)
-    warm = method.training_step(make_batch(0, labeled=True), make_batch(1, labeled=False), 0)
+    warm = method.training_step(make_batch(0, labeled=True), unlabeled_batch(method, 1), 0)
     warm.loss.backward()
     method.after_optimizer_step(0)
     model.zero_grad(set_to_none=True)
 
-    loss = method.unlabeled_loss(make_batch(2, labeled=False), step=1000)
+    loss = method.unlabeled_loss(unlabeled_batch(method, 2), step=1000)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -151,9 +215,12 @@ def test_unlabeled_term_trains_the_student(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_eval_model_and_state_round_trip(name: str) -> None:
+def test_eval_model_and_state_round_trip(build, name: str) -> None:
     model, method = build(name)
     assert isinstance(method.eval_model(), nn.Module)
+    is_student = method.eval_model() is model
+    assert is_student == (type(method).evaluates == "student"), (
+        f"{name}: evaluates={type(method).evaluates!r} must say whether eval_model() is the student")
     x = make_batch(0, labeled=False).image
     method.eval_model().eval()
     with torch.no_grad():
@@ -161,7 +228,7 @@ def test_eval_model_and_state_round_trip(name: str) -> None:
 
     # train a step so any extra state (e.g. an EMA teacher) moves away from its initial value
     model.train()
-    out = method.training_step(make_batch(0, labeled=True), make_batch(1, labeled=False), 0)
+    out = method.training_step(make_batch(0, labeled=True), unlabeled_batch(method, 1), 0)
     out.loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     method.after_optimizer_step(0)
@@ -199,6 +266,17 @@ def test_method_config(name: str) -> None:
     assert type(cfg) is METHODS.get(name).Config
     with pytest.raises(ConfigError, match="no_such_param"):
         method_config(name, {"no_such_param": 1})
+
+
+def test_distributed_names_no_method() -> None:
+    """The trial runner is generic: a method's stages, not a branch on its name, decide what a
+    trial runs, so no registered method name appears in semiseg/distributed/."""
+    import semiseg.distributed
+
+    for path in Path(semiseg.distributed.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        named = [n for n in NAMES if re.search(rf"(?<![\w-]){n}(?![\w-])", text)]  # not semi-supervised
+        assert not named, f"{path} names {named}"
 
 
 _IMPORT_PROBE = """

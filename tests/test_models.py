@@ -59,3 +59,46 @@ def test_deterministic_init() -> None:
     x = torch.randn(1, 1, 16, 16)
     a.eval(), b.eval()
     assert torch.equal(a(x), b(x))
+
+
+def test_feature_dropout_returns_clean_and_perturbed_logits() -> None:
+    """UniMatch's feature perturbation: a second branch decoded from encoder features under
+    Dropout2d; it differs from the clean branch, and in eval mode (per-sample BatchNorm) the
+    clean branch is exactly the ordinary forward."""
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=1, num_classes=3, base_channels=4, depth=2)
+    x = torch.randn(2, 1, 16, 16)
+    model.train()
+    clean, perturbed = model(x, feature_dropout=0.5)
+    assert clean.shape == perturbed.shape == (2, 3, 16, 16)
+    assert not torch.allclose(clean, perturbed)
+    model.eval()
+    with torch.no_grad():
+        clean, perturbed = model(x, feature_dropout=0.5)
+        assert torch.allclose(clean, model(x), atol=1e-6)
+        assert not torch.allclose(perturbed, clean)
+        same, also_same = model(x, feature_dropout=0.0)  # p=0: no perturbation at all
+        assert torch.allclose(same, also_same, atol=1e-6)
+
+
+def test_feature_dropout_sends_gradient_through_both_branches() -> None:
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=1, num_classes=2, base_channels=4, depth=2)
+    model.train()
+    x = torch.randn(2, 1, 16, 16)
+    grads = []
+    for pick in (0, 1):  # 0: clean branch alone, 1: perturbed branch alone
+        model.zero_grad(set_to_none=True)
+        model(x, feature_dropout=0.5)[pick].pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        for name, g in grads[-1].items():
+            assert torch.isfinite(g).all() and g.abs().sum() > 0, (pick, name)
+    assert any(not torch.allclose(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_feature_dropout_bad_values() -> None:
+    model = UNet(in_channels=1, num_classes=2, base_channels=4, depth=2)
+    with pytest.raises(ValueError, match=r"feature_dropout=1.0.*\[0, 1\)"):
+        model(torch.randn(1, 1, 16, 16), feature_dropout=1.0)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model(torch.randn(1, 1, 16, 16), return_features=True, feature_dropout=0.5)

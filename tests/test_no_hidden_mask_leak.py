@@ -10,7 +10,10 @@ engine's `Trainer` and checks what the method received and what it kept:
   modules' parameters and buffers, dataclasses) finds no tensor sharing storage with the hidden
   masks, no tensor equal to any (non-constant) hidden mask, and no reference to the engine's
   split tensors, dataset or trainer;
-- a method is built from (model, cfg, num_classes) only.
+- a method is built from (model, cfg, num_classes, total_steps) only.
+
+Multi-stage methods get what their last stage reads from earlier stages from the
+`stage_inputs` fixture (tests/conftest.py): for sam_refined, random pseudo-labels.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import functools
 import inspect
 import types
 
-import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -29,10 +31,9 @@ from semiseg.config import load_config
 from semiseg.data import SegData, load_dataset
 from semiseg.data.sampling import SplitTensors, Subset
 from semiseg.data.splits import Split, make_split
-from semiseg.engine import Trainer
+from semiseg.engine import Trainer, build_trainer
 from semiseg.methods import METHODS, Batch, Method
 from semiseg.pseudo_quality import PseudoLabelScore
-from semiseg.sam.store import PseudoLabelStore
 
 TINY = [
     "data.image_size=32", "data.num_images=40", "data.batch_size=4", "data.label_fraction=0.25",
@@ -59,16 +60,6 @@ def dataset() -> tuple[SegData, Split]:
     split = make_split(data, cfg.data, cfg.train.seed)
     assert split.unlabeled and split.labeled
     return data, split
-
-
-def noise_manifest(dataset: tuple[SegData, Split], root) -> str:
-    """sam_refined's pseudo-labels: random maps (not the hidden masks) for the unlabeled images."""
-    data, split = dataset
-    store = PseudoLabelStore(root / "pseudo", data.classes)
-    rng = np.random.default_rng(1)
-    for index in split.unlabeled:
-        store.write(index, data.ids[index], rng.integers(0, data.num_classes, data.masks.shape[1:]), {})
-    return str(store.write_manifest())
 
 
 FORBIDDEN = (SplitTensors, Subset, SegData, Split, Trainer, PseudoLabelScore)
@@ -142,27 +133,30 @@ def storage_ptr(t: Tensor) -> int:
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_method_constructor_takes_model_cfg_num_classes_only(name: str) -> None:
+def test_method_constructor_takes_model_cfg_num_classes_total_steps_only(name: str) -> None:
     cls = METHODS.get(name)
     params = list(inspect.signature(cls.__init__).parameters.values())
-    assert [p.name for p in params] == ["self", "model", "cfg", "num_classes"]
+    assert [p.name for p in params] == ["self", "model", "cfg", "num_classes", "total_steps"]
     assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params), params
+    assert params[-1].default is not inspect.Parameter.empty  # optional: a ramp's run length
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_no_method_reaches_hidden_masks(name: str, dataset, tmp_path) -> None:
+def test_no_method_reaches_hidden_masks(name: str, dataset, stage_inputs) -> None:
     data, split = dataset
-    extra = [f"method.params.manifest={noise_manifest(dataset, tmp_path)}"] if name == "sam_refined" else []
+    inputs = stage_inputs(name, split.unlabeled, data.masks.shape[1:], data.num_classes)
+    extra = [f"method.params.{key}={value}" for key, value in inputs.items()]
     cfg = load_config(None, [*TINY, f"method.name={name}", *PARAMS.get(name, []), *extra])
-    trainer = Trainer(cfg, data, split, CPU)
+    trainer = build_trainer(cfg, data, split, CPU)
     method = trainer.method
     cls = METHODS.get(name)
 
-    # The engine built the method from (model, cfg, num_classes), nothing more.
+    # The engine built the method from (model, cfg, num_classes, total_steps), nothing more.
     assert isinstance(method, cls) and isinstance(method, Method)
     assert method.model is trainer.model
     assert type(method.cfg) is cls.Config
     assert method.num_classes == data.num_classes and type(method.num_classes) is int
+    assert method.total_steps == cfg.train.epochs * cfg.train.steps_per_epoch
 
     hidden = trainer.tensors.hidden_unlabeled_masks
     assert hidden is not None and hidden.shape[0] == len(split.unlabeled)
@@ -220,7 +214,7 @@ def test_walker_catches_a_leak(dataset) -> None:
     tensor, or the split tensors themselves, is caught."""
     data, split = dataset
     cfg = load_config(None, [*TINY, "method.name=supervised"])
-    trainer = Trainer(cfg, data, split, CPU)
+    trainer = build_trainer(cfg, data, split, CPU)
     hidden = trainer.tensors.hidden_unlabeled_masks
     informative = torch.tensor([len(m.unique()) > 1 for m in hidden])
     i = int(informative.nonzero()[0])

@@ -129,3 +129,24 @@ def test_storage_paths_are_absolute_or_uris(tmp_path: Path, monkeypatch) -> None
     monkeypatch.chdir(tmp_path)
     assert storage_path("ray_results") == str(tmp_path / "ray_results")
     assert storage_path("s3://bucket/x") == "s3://bucket/x"
+
+
+def _imported_roots(source: str) -> set[str]:
+    """Top-level packages a module imports, e.g. {'mlflow'} for `from mlflow.entities import X`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_mlflow_is_imported_only_in_the_tracking_package() -> None:
+    """MLflow stays at the edge (DESIGN.md): only platform/semiseg/tracking/ imports it,
+    at the top of a module or inside a function."""
+    tracking_dir = PLATFORM / "semiseg" / "tracking"
+    importers = {path for path, text in _platform_sources() if "mlflow" in _imported_roots(text)}
+    assert any(p.parent == tracking_dir for p in importers)  # the scan sees the real imports
+    assert sorted(str(p.relative_to(REPO)) for p in importers if p.parent != tracking_dir) == []
+    assert _imported_roots("import mlflow.artifacts\nfrom mlflow import x\n") == {"mlflow"}

@@ -1,13 +1,17 @@
 """Augmentations: weak_geometric warps image, mask and `extra` identically; strong_photometric
-changes intensities but not geometry; both are reproducible from their generator."""
+changes intensities but not geometry, never moves a constant background, keeps the order of
+tissue intensities and bounds how far any level moves; both are reproducible from their
+generator."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from semiseg.data.synthetic import make_phantom
-from semiseg.data.transforms import random_affine, strong_photometric, weak_geometric
+from semiseg.data.base import normalise
+from semiseg.data.transforms import BLUR_RADIUS, random_affine, strong_photometric, weak_geometric
 
 
 def gen(seed: int) -> torch.Generator:
@@ -146,3 +150,66 @@ def test_strong_photometric_same_seed_same_output() -> None:
     image, _ = phantoms()
     assert torch.equal(strong_photometric(image, gen(5)), strong_photometric(image, gen(5)))
     assert not torch.equal(strong_photometric(image, gen(5)), strong_photometric(image, gen(6)))
+
+
+def two_tissue_images(n: int = 64, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image z-scored images (as SegData holds them) of a constant black background with two
+    rectangles of tissue, raw levels 0.6 (label 1, left half) and 0.9 (label 2, right half),
+    at random places and sizes."""
+    rng = np.random.default_rng(0)
+    images, labels = np.zeros((n, size, size), np.float32), np.zeros((n, size, size), np.int64)
+    for i in range(n):
+        for label, x0 in ((1, 1), (2, size // 2 + 1)):
+            top, left = rng.integers(1, size - 11), x0 + rng.integers(0, size // 2 - 12)
+            labels[i, top:top + rng.integers(6, 11), left:left + rng.integers(6, 11)] = label
+        raw = np.choose(labels[i], [0.0, 0.6, 0.9]).astype(np.float32)
+        images[i] = normalise(raw)
+    return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
+
+
+def interior(labels: torch.Tensor, label: int) -> torch.Tensor:
+    """Pixels of `label` whose whole blur neighbourhood has that label too."""
+    k = 2 * BLUR_RADIUS + 1
+    other = (labels != label).float()[:, None]
+    return (F.max_pool2d(other, k, stride=1, padding=BLUR_RADIUS)[:, 0] == 0)
+
+
+def test_strong_view_never_moves_a_constant_background() -> None:
+    images, labels = two_tissue_images()
+    background = interior(labels, 0)
+    assert background.float().mean() > 0.3
+    assert torch.equal(images[:, 0][labels == 0], images.amin(dim=(1, 2, 3))[:, None, None]
+                       .expand_as(labels)[labels == 0])  # the background is each image's minimum
+    for seed in range(3):
+        out = strong_photometric(images, gen(seed))
+        assert torch.equal(out[:, 0][background], images[:, 0][background])
+        assert not torch.allclose(out, images)  # the tissue did change
+
+
+def test_strong_view_keeps_the_order_of_tissue_levels() -> None:
+    images, labels = two_tissue_images()
+    background, low, high = interior(labels, 0), interior(labels, 1), interior(labels, 2)
+    assert low.flatten(1).any(1).all() and high.flatten(1).any(1).all()
+    for seed in range(3):
+        out = strong_photometric(images, gen(seed))[:, 0]
+        for i in range(len(out)):
+            assert out[i][background[i]].max() < out[i][low[i]].min(), i
+            assert out[i][low[i]].max() < out[i][high[i]].min(), i
+
+
+def test_strong_view_moves_no_level_by_more_than_six_percent_of_the_range() -> None:
+    images, labels = two_tissue_images()
+    span = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3)))[:, None, None]
+    flat = interior(labels, 1) | interior(labels, 2)  # where blur has nothing to mix
+    moved = []
+    for seed in range(4):
+        change = (strong_photometric(images, gen(seed)) - images)[:, 0].abs() / span
+        assert change[flat].max() <= 0.06 + 1e-5
+        moved.append(change[flat].max())
+    assert max(moved) > 0.02  # the jitter is not a no-op
+
+
+def test_strong_view_of_a_constant_image_is_that_image() -> None:
+    image = torch.zeros(3, 1, 8, 8)  # normalise() turns a constant image into zeros
+    image[1] = 2.5
+    assert torch.equal(strong_photometric(image, gen(0)), image)

@@ -1,4 +1,5 @@
-"""Reading torch checkpoints safely (`weights_only=True`) with errors that name the file."""
+"""Reading torch checkpoints safely (`weights_only=True`) with errors that name the file, and
+the name of the file a training checkpoint folder holds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 import torch
 
 from semiseg.errors import SemisegError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""The file a training checkpoint folder holds (the engine writes it; the SAM chain reads it)."""
 
 
 def read_weights_only(path: Path, what: str, error: type[SemisegError] = SemisegError) -> Any:

@@ -10,6 +10,7 @@ import time
 from semiseg.errors import SemisegError
 
 EXAMPLES = """examples:
+  semiseg check experiments/sam_refined.yaml method.params.rounds=2
   semiseg sweep experiments/quickstart.yaml
   semiseg sweep experiments/quickstart.yaml train.epochs=2 sweep.seeds=[0,1]
   semiseg train experiments/quickstart.yaml data.label_fraction=0.25
@@ -31,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--name", default="", help="name of the sweep's parent MLflow run")
             s.add_argument("--force", action="store_true",
                            help="rerun trials that already FINISHED with the same config hash")
+    c = sub.add_parser("check", help="validate a config fully (no Ray, no MLflow) and print it with its hash",
+                       description="Load the config with its overrides and check everything a train or "
+                       "sweep checks before any trial: types, ranges and names, every method's params "
+                       "and stages, every combination of the sweep grid, and data.root on disk. Prints "
+                       "the resolved config as YAML and its config hash (the run identity), or the "
+                       "error naming the key (exit code 2).")
+    c.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.params.rounds=2")
     pl = sub.add_parser("pseudolabel", help="SAM-refined pseudo-labels for the unlabeled split (Ray Data)",
                         description="Coarse U-Net masks -> box and point prompts -> SAM (Keuth et al. "
                         "2024) over the config's unlabeled split, as a Ray Data pipeline. Writes "
@@ -69,6 +78,30 @@ def cmd_list(kind: str) -> None:
         print(f"{name:20s} {_first_line(registry.get(name))}")
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    """What `train` and `sweep` check before any trial, without starting Ray or MLflow."""
+    import yaml
+
+    from semiseg.config import load_config
+    from semiseg.methods import METHODS
+    from semiseg.preflight import check_paths
+
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg)
+    stages = METHODS.get(cfg.method.name).stages(cfg)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# stages of {cfg.method.name}: {' -> '.join(_stage_label(s) for s in stages)}")
+    print(f"# config_hash: {cfg.config_hash()}")
+
+
+def _stage_label(stage) -> str:
+    from semiseg.methods import TrainStage
+
+    if isinstance(stage, TrainStage):
+        return f"{stage.name or 'train'} (train {stage.method})"
+    return f"{stage.name} (pseudo-labels from {stage.model})"
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """One config = a one-trial sweep, always trained (live progress comes from Tune)."""
     from semiseg.config import load_config
@@ -103,8 +136,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_pseudolabel(args: argparse.Namespace) -> None:
     from semiseg.config import load_config
     from semiseg.distributed.pseudolabel import run_pseudolabel
+    from semiseg.preflight import check_paths
 
     cfg = load_config(args.config, args.overrides)
+    check_paths(cfg)
     out = run_pseudolabel(cfg, _coarse_checkpoint(args.checkpoint or cfg.sam.coarse_checkpoint, cfg), args.output)
     print(f"refined {out.refined} images ({out.skipped} already done) in {out.seconds:.0f} s; "
           f"manifest: {out.manifest}")
@@ -126,12 +161,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     from semiseg import tracking
     from semiseg.dashboard import build_dashboard
-    from semiseg.report import dice_table, format_table
+    from semiseg.report import text_report
 
     uri = tracking.resolve_uri(args.uri)
     out = Path(args.out) if args.out else Path("reports") / args.experiment
     board = build_dashboard(uri, args.experiment, out, args.parent)
-    print(format_table(dice_table(board.trials)))
+    print(text_report(board.trials, board.per_image))  # Dice table, then paired CIs and verdicts
     print(f"dashboard: {board.index.resolve()}")
     if board.logged_to:
         print(f"logged to MLflow run {board.logged_to} (artifacts/dashboard)")
@@ -143,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("methods", "datasets"):
             cmd_list(args.command)
         else:
-            {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report,
+            {"check": cmd_check, "train": cmd_train, "sweep": cmd_sweep, "report": cmd_report,
              "pseudolabel": cmd_pseudolabel}[args.command](args)
     except SemisegError as exc:
         print(f"semiseg: error: {exc}", file=sys.stderr)

@@ -3,55 +3,27 @@
 
 Each field's docstring (the string literal under it) is its documentation; `semiseg` errors
 name the dotted key at fault and, where the choices are fixed, list them.
+
+Loading checks everything that needs no disk and no cluster: types, ranges, registered names,
+and every method setting the config can train (its own method and each combination of the
+sweep grid: params in range, stages runnable). What depends on the driver's disk (data.root)
+is checked by semiseg.preflight, before any trial.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from semiseg.config_schema import build, coerce_override, flatten, parse_yaml
+from semiseg.data_config import DataConfig  # noqa: F401  (also importable from here)
 from semiseg.errors import ConfigError
 from semiseg.sam.config import SamConfig
-
-
-@dataclass
-class DataConfig:
-    name: str = "synthetic"
-    """Dataset name; `semiseg datasets` lists the choices."""
-    root: str = ""
-    """Folder of a `folder` or `nifti` dataset (resolved to an absolute path)."""
-    image_size: int = 64
-    """Images and masks are resized to image_size x image_size pixels."""
-    num_images: int = 240
-    """Number of phantoms the `synthetic` dataset generates (other datasets ignore it)."""
-    label_fraction: float = 0.05
-    """Fraction of the training images whose masks a method may use, in (0, 1]."""
-    val_fraction: float = 0.15
-    """Fraction of groups (patients, volumes, slice blocks) held out for model selection."""
-    test_fraction: float = 0.2
-    """Fraction of groups held out for the final test metrics."""
-    split_seed: int = 0
-    """Seed of the train/val/test split, fixed across seeds so every run shares one test set."""
-    batch_size: int = 8
-    """Labeled images per step (the unlabeled batch has the same size)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.label_fraction <= 1.0:
-            raise ConfigError(
-                f"data.label_fraction={self.label_fraction}: expected a value in (0, 1]"
-            )
-        for key in ("image_size", "num_images", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"data.{key}={getattr(self, key)}: expected a positive integer")
-        for key in ("val_fraction", "test_fraction"):
-            if not 0.0 < getattr(self, key) < 0.5:
-                raise ConfigError(f"data.{key}={getattr(self, key)}: expected a value in (0, 0.5)")
-        _check_seed("data.split_seed", self.split_seed)
 
 
 @dataclass
@@ -223,8 +195,11 @@ class Config:
         """What determines a trained model: not where it ran nor where it was logged."""
         d = self.to_dict()
         identity = {k: d[k] for k in ("data", "model", "method", "train")}
-        if self.method.name == "sam_refined":  # only there does SAM shape the model
-            identity["sam"] = self.sam.identity()
+        from semiseg.methods import METHODS  # here: the registry imports torch code
+
+        for section in METHODS.get(self.method.name).identity_sections:  # e.g. sam_refined: "sam"
+            value = getattr(self, section)
+            identity[section] = value.identity() if hasattr(value, "identity") else d[section]
         return identity
 
     def config_hash(self) -> str:
@@ -270,6 +245,18 @@ def _read_text(file: Path) -> str:
         raise ConfigError(f"{file}: cannot read the config file ({exc.strerror or exc})") from None
 
 
+def method_grid(cfg: Config) -> list[MethodConfig]:
+    """Every method setting the sweep trains: each of sweep.methods with each combination of its
+    sweep.params grid values, on top of method.params where it is the config's own method."""
+    settings = []
+    for method in cfg.sweep.methods:
+        own = cfg.method.params if method == cfg.method.name else {}
+        grid = {k.split(".", 1)[1]: v for k, v in cfg.sweep.params.items() if k.startswith(method + ".")}
+        for values in itertools.product(*grid.values()):
+            settings.append(MethodConfig(method, {**own, **dict(zip(grid, values))}))
+    return settings
+
+
 def _check_names(cfg: Config) -> None:
     # Imported here: the registries import torch code, which the schema itself does not need.
     from semiseg.data import DATASETS
@@ -278,7 +265,6 @@ def _check_names(cfg: Config) -> None:
     DATASETS.get(cfg.data.name)
     for name in [cfg.method.name, *cfg.sweep.methods]:
         METHODS.get(name)
-    check_method_params(cfg.method.name, cfg.method.params)
     for key in cfg.sweep.params:
         method, _, param = key.partition(".")
         if method not in cfg.sweep.methods or not param:
@@ -287,12 +273,20 @@ def _check_names(cfg: Config) -> None:
                 f"sweep.methods ({', '.join(cfg.sweep.methods)})"
             )
         check_method_params(method, {param: None}, check_values=False)
-    if cfg.data.root:
+    _check_methods(cfg)
+
+
+def _check_methods(cfg: Config) -> None:
+    """Every method setting the config can train is valid (params in range, stages runnable):
+    its own method, and each combination of the sweep grid, so a bad value fails here, where
+    the config loads, before any trial or run exists."""
+    from semiseg.methods import check_method
+
+    check_method(cfg)
+    for setting in method_grid(cfg):
+        if setting == cfg.method:
+            continue
         try:
-            cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
-        except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser/, a NUL byte, ...
-            raise ConfigError(f"data.root={cfg.data.root!r}: not a usable path ({exc})") from None
-        # Checked here, in the driver, so a wrong root stops the sweep before any trial starts
-        # rather than failing every trial in turn on the workers.
-        if not Path(cfg.data.root).is_dir():
-            raise ConfigError(f"data.root={cfg.data.root}: no such folder (the {cfg.data.name} dataset's root)")
+            check_method(dataclasses.replace(cfg, method=setting))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep grid ({setting.name} with {setting.params}): {exc}") from None

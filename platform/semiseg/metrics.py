@@ -159,6 +159,15 @@ class MetricAccumulator:
     def num_images(self) -> int:
         return sum(len(v) for v in self._values["dice"])
 
+    def per_image(self, kind: str = "dice") -> np.ndarray:
+        """(N, C - 1) per-(image, foreground class) values of `kind` in update() order; NaN
+        where an image excludes the class (see the module docstring). For paired statistics."""
+        if kind not in _KINDS:
+            raise ValueError(f"kind={kind!r}: expected one of {', '.join(_KINDS)}")
+        if self.num_images == 0:
+            return np.zeros((0, len(self.class_names) - 1))
+        return np.concatenate(self._values[kind])
+
     def reset(self) -> None:
         self._values = {k: [] for k in _KINDS}
 

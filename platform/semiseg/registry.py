@@ -1,8 +1,11 @@
-"""A tiny name -> object registry that refuses duplicates and lists choices on a miss."""
+"""A tiny name -> object registry that refuses duplicates and lists choices on a miss, and the
+one way registries find their entries: every module of a package, minus a skip list."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Collection, Generic, Iterable, Iterator, TypeVar
 
 from semiseg.errors import RegistryError
 
@@ -40,3 +43,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_modules(package: str, path: Iterable[str], skip: Collection[str]) -> list[str]:
+    """Import every module of a package except those in `skip`, so that each registers itself
+    the moment its file exists (methods, datasets). Returns the imported module names.
+
+    `skip` names the package's helper modules; a name there that is no module of the package
+    is an error, so the list cannot go stale when a helper is renamed.
+    """
+    names = [info.name for info in pkgutil.iter_modules(list(path))]
+    stale = sorted(set(skip) - set(names))
+    if stale:
+        raise RegistryError(f"{package}: skip list names no module: {', '.join(stale)} "
+                            f"(modules: {', '.join(names)})")
+    imported = [name for name in names if name not in skip]
+    for name in imported:
+        importlib.import_module(f"{package}.{name}")
+    return imported

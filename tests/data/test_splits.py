@@ -3,6 +3,8 @@ across fractions and seeds, labeled subsets are nested across fractions and size
 
 from __future__ import annotations
 
+import hashlib
+import json
 from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
@@ -21,8 +23,10 @@ def synthetic() -> SegData:
     return load_dataset(DataConfig(name="synthetic", image_size=32, num_images=60))
 
 
-def grouped(num_groups: int = 12, per_group: int = 4, source: str = "grouped") -> SegData:
-    """A hand-built dataset where every group (patient) holds several images."""
+def grouped(num_groups: int = 12, per_group: int = 4, source: str = "grouped",
+            positioned: bool = False) -> SegData:
+    """A hand-built dataset where every group (patient) holds several images; `positioned`
+    gives each image a slice position (groups are then consecutive slice blocks)."""
     n = num_groups * per_group
     rng = np.random.default_rng(0)
     return SegData(
@@ -32,6 +36,7 @@ def grouped(num_groups: int = 12, per_group: int = 4, source: str = "grouped") -
         ids=[f"img{i:03d}" for i in range(n)],
         classes=["background", "organ"],
         source=source,
+        positions=list(range(n)) if positioned else None,
     )
 
 
@@ -64,9 +69,10 @@ def test_partition_synthetic(synthetic: SegData, fraction: float, seed: int) -> 
     check_partition(make_split(synthetic, cfg(fraction), seed), len(synthetic.images))
 
 
+@pytest.mark.parametrize("positioned", [False, True])
 @pytest.mark.parametrize("fraction", FRACTIONS)
-def test_groups_never_cross_roles(fraction: float) -> None:
-    data = grouped()
+def test_groups_never_cross_roles(fraction: float, positioned: bool) -> None:
+    data = grouped(positioned=positioned)
     for seed in range(3):
         for split_seed in range(3):
             split = make_split(data, cfg(fraction, split_seed=split_seed), seed)
@@ -78,6 +84,24 @@ def test_groups_never_cross_roles(fraction: float) -> None:
             for i, group in enumerate(data.groups):
                 assert role_of_group.setdefault(group, coarse[i]) == coarse[i], group
             assert set(role_of_group.values()) == {"train", "val", "test"}
+
+
+def test_synthetic_split_is_unchanged() -> None:
+    """Datasets without positions keep the plain seeded permutations: the quickstart's split
+    (240 phantoms) is pinned to what make_split gave before stratified splits existed, so its
+    printed Dice cannot move. The split depends only on the group names, not on the pixels."""
+    data = load_dataset(DataConfig(name="synthetic", image_size=16, num_images=240))
+    assert data.positions is None
+    digest = hashlib.sha256()
+    for fraction in FRACTIONS:
+        for seed in (0, 1, 2):
+            s = make_split(data, cfg(fraction), seed)
+            digest.update(json.dumps([s.labeled, s.unlabeled, s.val, s.test]).encode())
+    assert digest.hexdigest() == "61fd3f2e30931a9b970ac197506c4410169f9496cdd11d40d14e2ee8492b6fd6"
+    split = make_split(data, cfg(0.05), 0)
+    assert split.val[:8] == [10, 15, 35, 52, 60, 70, 75, 83]
+    assert split.test[:8] == [0, 5, 6, 13, 17, 25, 36, 39]
+    assert split.labeled == [8, 33, 38, 45, 48, 137, 190, 194]
 
 
 def test_deterministic(synthetic: SegData) -> None:
@@ -183,6 +207,11 @@ def test_manifest(synthetic: SegData) -> None:
     counts = {role: sum(r["role"] == role for r in rows) for role in ("labeled", "unlabeled", "val", "test")}
     assert counts == {"labeled": len(split.labeled), "unlabeled": len(split.unlabeled),
                       "val": len(split.val), "test": len(split.test)}
+    # no positions: the row format readers know, unchanged
+    assert all(set(row) == {"index", "id", "group", "role"} for row in rows)
+    summary = split.summary(synthetic)
+    assert {role: summary[role]["images"] for role in counts} == counts
+    assert not any(key.startswith("position") for row in summary.values() for key in row)
 
 
 def test_manifest_grouped() -> None:

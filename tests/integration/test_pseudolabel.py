@@ -24,7 +24,7 @@ from PIL import Image
 from semiseg.config import load_config
 from semiseg.data import load_dataset
 from semiseg.data.splits import make_split
-from semiseg.engine import fit
+from semiseg.engine import build_trainer, fit
 
 pytestmark = pytest.mark.integration
 OVERRIDES = ["data.image_size=32", "data.num_images=40", "data.batch_size=4", "model.base_channels=4",
@@ -38,7 +38,7 @@ def coarse(tmp_path: Path):
     cfg = load_config(None, OVERRIDES)
     data = load_dataset(cfg.data)
     split = make_split(data, cfg.data, cfg.train.seed)
-    fit(cfg, data, split, torch.device("cpu"), tmp_path / "coarse")
+    fit(build_trainer(cfg, data, split, torch.device("cpu")), tmp_path / "coarse")
     return cfg, split, tmp_path / "coarse"
 
 

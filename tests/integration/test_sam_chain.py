@@ -1,7 +1,8 @@
 """Method sam_refined as a sweep's trial runs it (`run_tracked_trial` under a parent run; the
-Tune layer above it is the same for every method and tested in test_sweep.py): one trial runs
-the whole chain (coarse U-Net -> Ray Data SAM refinement -> retrain on labeled + pseudo-labels)
-and logs it to ONE MLflow run; the model it logged is usable by run id as a coarse model."""
+Tune layer above it is the same for every method and tested in test_sweep.py): the generic stage
+runner (semiseg.distributed.stages) runs the stages the method declares (coarse U-Net -> Ray Data
+SAM refinement -> retrain on labeled + pseudo-labels) and logs them to ONE MLflow run; the model
+it logged is usable by run id as a coarse model."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def test_sam_refined_chain_is_one_tracked_trial(ray_local, tiny_config, tmp_path
     client = MlflowClient(uri)
     [run] = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "sam_refined"
+    assert run.data.tags["method.evaluates"] == "student"
+    # only the last stage (the retrain) logged epochs; the coarse stage trained quietly
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/dice_mean")) == [0]
     # (a random tiny SAM after one coarse epoch may get no prompt, hence no sam/sam_iou/* here)
     for key in ("sam/dice_before", "sam/dice_after", "sam/dice_after/lung", "test/dice_mean"):

@@ -4,6 +4,7 @@ the joint forward pass."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg.methods.common import (
-    confidence_mask, ema_update, joint_forward, make_teacher, masked_cross_entropy, sigmoid_rampup,
+    check_decays, check_fractions, check_range, check_weights, confidence_mask, ema_update,
+    joint_forward, make_teacher, masked_cross_entropy, schedule_rampup, sigmoid_rampup,
 )
+from semiseg.errors import ConfigError
 from semiseg.models import create_model
 
 
@@ -66,17 +69,20 @@ def test_ema_formula(step: int, decay: float, alpha: float) -> None:
     assert all(torch.equal(x, y) for x, y in zip(params(student), s0))  # student untouched
 
 
-def test_ema_copies_buffers() -> None:
+def test_ema_leaves_buffers_to_the_teacher() -> None:
+    """Parameters-only EMA: the student's BatchNorm statistics are not copied; the teacher's
+    stay what its own passes made them (here: none yet, so the initial ones)."""
     teacher, student = make_teacher(small_net(0)), small_net(1)
+    own = {name: b.clone() for name, b in teacher.named_buffers()}
     student.train()
     with torch.no_grad():
         for _ in range(3):
             student(torch.randn(4, 1, 8, 8) * 3 + 1)  # moves the BatchNorm running statistics
     assert not torch.equal(teacher[1].running_mean, student[1].running_mean)
     ema_update(teacher, student, decay=0.99, step=10_000)
-    for (name, t), (_, s) in zip(teacher.named_buffers(), student.named_buffers()):
-        assert torch.equal(t, s), name
-    assert teacher[1].num_batches_tracked.item() == 3
+    for name, b in teacher.named_buffers():
+        assert torch.equal(b, own[name]), name
+    assert teacher[1].num_batches_tracked.item() == 0
 
 
 def test_ema_unwraps_a_ddp_like_wrapper() -> None:
@@ -100,6 +106,45 @@ def test_sigmoid_rampup_values() -> None:
     assert sigmoid_rampup(0, 0) == 1.0  # no ramp-up
     values = [sigmoid_rampup(s, 100) for s in range(0, 101, 10)]
     assert values == sorted(values) and len(set(values)) == len(values)
+
+
+def test_schedule_rampup_is_relative_to_the_run() -> None:
+    """The same fraction of a short and a long run gives the same weight."""
+    for step, total in [(30, 300), (3000, 30_000)]:
+        assert schedule_rampup(step, 0.5, total) == pytest.approx(math.exp(-5 * 0.8 ** 2))
+    assert schedule_rampup(150, 0.5, 300) == 1.0
+    assert schedule_rampup(0, 0.0, 300) == 1.0  # no ramp-up
+    assert schedule_rampup(29_999, 1.0, 30_000) == pytest.approx(math.exp(-5 * (1 / 30_000) ** 2))
+
+
+@dataclass
+class Params:
+    k: int = 1
+    weight: float = 0.0
+    threshold: float = 1.0
+    decay: float = 0.0
+    temperature: float = 0.1
+
+
+@pytest.mark.parametrize("field, value, check, message", [
+    ("k", 0, lambda c: check_range(c, "k", 1, integer=True),
+     "method.params.k=0: expected an integer >= 1"),
+    ("weight", -1.0, lambda c: check_weights(c, "weight"),
+     "method.params.weight=-1.0: expected a value >= 0"),
+    ("threshold", 1.5, lambda c: check_fractions(c, "threshold"),
+     "method.params.threshold=1.5: expected a value in [0, 1]"),
+    ("decay", 1.0, lambda c: check_decays(c, "decay"),
+     "method.params.decay=1.0: expected a value in [0, 1)"),
+    ("temperature", 0.0, lambda c: check_range(c, "temperature", 0, low_open=True),
+     "method.params.temperature=0.0: expected a value > 0"),
+    ("weight", math.nan, lambda c: check_weights(c, "weight"),
+     "method.params.weight=nan: expected a value >= 0"),
+])
+def test_range_checks_name_key_value_and_range(field, value, check, message) -> None:
+    check(Params())  # the defaults pass, including the closed ends (k=1, threshold=1, decay=0)
+    with pytest.raises(ConfigError) as err:
+        check(Params(**{field: value}))
+    assert str(err.value) == message
 
 
 def test_masked_cross_entropy() -> None:

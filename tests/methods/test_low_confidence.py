@@ -76,7 +76,7 @@ def test_tau_one_keeps_every_pixel() -> None:
     assert torch.equal(method.prototypes, protos)
     # consistency = weight * ramp * mean over pixels of sum_c (p_student - p_teacher)^2
     t = teacher_probs(method, unlabeled)
-    ramp = torch.exp(torch.tensor(-5.0 * (1 - 1.0) ** 2)).item()  # step 1000 >= rampup_steps
+    ramp = torch.exp(torch.tensor(-5.0 * (1 - 1.0) ** 2)).item()  # step 1000 = rampup_fraction 1.0 x total_steps 1000
     expected = 0.1 * ramp * ((logits_u.detach().softmax(1) - t) ** 2).sum(1).mean()
     assert consistency.item() == pytest.approx(expected.item(), rel=1e-5)
 

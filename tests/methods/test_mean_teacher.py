@@ -86,7 +86,8 @@ def test_consistency_nonzero_for_different_weights() -> None:
 
 
 def test_consistency_value_and_ramp() -> None:
-    method = build(consistency_weight=0.3, rampup_steps=200)
+    method = build(consistency_weight=0.3, rampup_fraction=0.2)  # 200 of the default 1000 steps
+    assert method.total_steps == 1000
     batch = unlabeled()
     student = method.model(batch.strong)
     loss, label = method.consistency(student, batch, step=100)

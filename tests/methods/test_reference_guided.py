@@ -243,7 +243,9 @@ def test_pseudo_labels_come_from_matching_the_weak_view() -> None:
 
 
 def test_threshold_above_every_similarity_uses_no_pixel() -> None:
-    method = build(similarity_threshold=1.5)  # cosine similarity is at most 1
+    method = build()
+    # Above any cosine similarity; the config refuses it (its range is [-1, 1]), so set it after.
+    method.cfg.similarity_threshold = 1.5
     labeled, unlabeled = batches()
     out = method.training_step(labeled, unlabeled, step=1000)
     assert out.pseudo_used is not None and not out.pseudo_used.any()
@@ -256,7 +258,7 @@ def test_threshold_above_every_similarity_uses_no_pixel() -> None:
 
 
 def test_threshold_below_every_similarity_uses_every_pixel() -> None:
-    method = build(similarity_threshold=-2.0)
+    method = build(similarity_threshold=-1.0)  # no cosine similarity is below -1
     labeled, unlabeled = batches()
     out = method.training_step(labeled, unlabeled, step=1000)
     assert out.pseudo_used.all()

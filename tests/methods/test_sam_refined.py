@@ -1,8 +1,10 @@
 """sam_refined: pseudo-labels from a manifest, looked up by dataset index, warped by the engine
-exactly like the image they belong to, filtered by SAM's score, with clear errors."""
+exactly like the image they belong to, filtered by SAM's score, with clear errors; its stages
+(coarse model -> per round SAM pseudo-labels -> retrain) and its run identity (the sam section)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,11 @@ import torch
 from semiseg.config import load_config
 from semiseg.data import load_dataset
 from semiseg.data.splits import make_split
-from semiseg.engine import Trainer
+from semiseg.engine import build_trainer
 from semiseg.errors import ConfigError, SemisegError
-from semiseg.methods import Batch, method_config
+from semiseg.methods import (FULL_SUPERVISION_METHOD, Batch, PseudoLabelStage, TrainStage,
+                             method_config)
+from semiseg.methods.stages import check_stages, resolve_inputs
 from semiseg.methods.sam_refined import SamRefined
 from semiseg.models import create_model
 from semiseg.sam.store import PseudoLabelStore
@@ -76,9 +80,49 @@ def test_engine_warps_pseudo_labels_with_their_images(tmp_path: Path) -> None:
     for index in split.unlabeled:
         store.write(index, data.ids[index], data.masks[index], {})
     cfg.method.name, cfg.method.params = "sam_refined", {"manifest": str(store.write_manifest())}
-    trainer = Trainer(cfg, data, split, torch.device("cpu"))
+    trainer = build_trainer(cfg, data, split, torch.device("cpu"))
     for _ in range(3):
         batch, hidden = trainer._unlabeled_batch()
         labeled = batch.fixed_target >= 0
         assert batch.mask is None and labeled.float().mean() > 0.8
         assert torch.equal(batch.fixed_target[labeled], hidden[labeled])
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("rounds", 0, "method.params.rounds=0: expected an integer >= 1"),
+    ("rounds", -2, "method.params.rounds=-2: expected an integer >= 1"),
+    ("unlabeled_weight", -1.0, "method.params.unlabeled_weight=-1.0: expected 0 or more"),
+    ("min_sam_iou", 1.5, "method.params.min_sam_iou=1.5: expected a value in [0, 1]"),
+])
+def test_params_out_of_range(key: str, value, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        method_config("sam_refined", {key: value})
+
+
+def test_stages_per_round(tmp_path: Path) -> None:
+    """Round r's pseudo-labels come from round r-1's model (the coarse model first), and each
+    retrain reads its round's manifest; the user's params reach every retrain."""
+    cfg = load_config(None, ["method.name=sam_refined", "method.params={rounds: 2, min_sam_iou: 0.3}"])
+    stages = SamRefined.stages(cfg)
+    check_stages(stages, "sam_refined")
+    assert [type(s) for s in stages] == [TrainStage, PseudoLabelStage, TrainStage,
+                                         PseudoLabelStage, TrainStage]
+    coarse, pseudo0, round0, pseudo1, round1 = stages
+    assert (coarse.method, coarse.params) == (FULL_SUPERVISION_METHOD, {})
+    assert (pseudo0.model, pseudo0.round, pseudo1.model, pseudo1.round) == ("coarse", 0, "round0", 1)
+    for stage, pseudo in ((round0, pseudo0), (round1, pseudo1)):
+        assert stage.method == "sam_refined" and stage.inputs == {"manifest": pseudo.name}
+        params = resolve_inputs(stage, {pseudo.name: tmp_path / "manifest.parquet"})
+        assert params == {"rounds": 2, "min_sam_iou": 0.3, "manifest": str(tmp_path / "manifest.parquet")}
+    assert len(SamRefined.stages(load_config(None, ["method.name=sam_refined"]))) == 3
+
+
+def test_sam_section_is_part_of_the_identity() -> None:
+    """What changes the pseudo-labels changes sam_refined's config hash, and only its."""
+    for method, shaped in (("sam_refined", True), ("supervised", False)):
+        base = load_config(None, [f"method.name={method}"]).config_hash()
+        other = load_config(None, [f"method.name={method}", "sam.model_type=tiny"]).config_hash()
+        assert (other != base) is shaped, method
+        # where and how fast pseudo-labels are made is not
+        faster = load_config(None, [f"method.name={method}", "sam.num_actors=4"]).config_hash()
+        assert faster == base, method

@@ -1,6 +1,13 @@
-"""Datasets (a registry), splits, augmentations and loaders."""
+"""Datasets (a registry), splits, augmentations and loaders. Importing this package imports
+every module in it (`semiseg.registry.import_modules`), so a new dataset file is registered
+(and tested) the moment it is added."""
 
 from semiseg.data.base import DATASETS, SegData, load_dataset
-from semiseg.data import folder, mni_tissue, nifti, synthetic  # noqa: F401  (registers them)
+from semiseg.registry import import_modules
+
+# The package's helper modules: everything else is a dataset file.
+_NOT_DATASETS = {"base", "resize", "sampling", "splits", "transforms"}
+
+import_modules(__name__, __path__, skip=_NOT_DATASETS)
 
 __all__ = ["DATASETS", "SegData", "load_dataset"]

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from semiseg.config import DataConfig
+from semiseg.data_config import DataConfig
 from semiseg.errors import DatasetError
 from semiseg.registry import Registry
 
@@ -22,6 +22,9 @@ class SegData:
     groups: per image, the patient / volume / slice-block it belongs to; splits never cut one.
     ids:    per image, a stable readable identifier (file stem, "patient001_frame01_z03", ...).
     classes: class names, `classes[0]` the background.
+    positions: optional, per image, its place along an axis the groups are ordered by (the
+        slice index z of a slice-block dataset). When given, splits are stratified by position
+        (`semiseg.data.splits`); None (patients, phantoms) keeps plain seeded draws.
     """
 
     images: np.ndarray
@@ -30,6 +33,7 @@ class SegData:
     ids: list[str]
     classes: list[str]
     source: str
+    positions: list[float] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -41,6 +45,9 @@ class SegData:
             )
         if len(self.groups) != n or len(self.ids) != n:
             raise DatasetError(f"{self.source}: groups/ids must have one entry per image ({n})")
+        if self.positions is not None:
+            self.positions = list(self.positions)  # an array is accepted, stored as a list
+            self._check_positions(n)
         if len(set(self.ids)) != n:
             seen: set[str] = set()
             dups = sorted({i for i in self.ids if i in seen or seen.add(i)})
@@ -54,6 +61,24 @@ class SegData:
                 f"{self.source}: mask value {int(bad)} is outside the class map "
                 f"0..{len(self.classes) - 1} ({', '.join(self.classes)})"
             )
+
+    def _check_positions(self, n: int) -> None:
+        if len(self.positions) != n:
+            raise DatasetError(
+                f"{self.source}: positions has {len(self.positions)} entries; expected one per "
+                f"image ({n})"
+            )
+        try:
+            values = np.asarray(self.positions, dtype=np.float64)
+        except (TypeError, ValueError):
+            values = np.empty(0)
+        if values.shape != (n,):
+            raise DatasetError(f"{self.source}: positions {list(self.positions)[:3]}...: expected "
+                               "one number per image (e.g. its slice index)")
+        if not np.isfinite(values).all():
+            bad = self.ids[int(np.flatnonzero(~np.isfinite(values))[0])]
+            raise DatasetError(f"{self.source}: position of image {bad} is not finite; "
+                               "expected a number (e.g. its slice index)")
 
     @property
     def num_classes(self) -> int:

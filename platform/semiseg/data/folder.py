@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from semiseg.config import DataConfig
+from semiseg.data_config import DataConfig
 from semiseg.data.base import DATASETS, SegData, check_classes_present, normalise
 from semiseg.data.resize import pad_square, resize_pair
 from semiseg.errors import DatasetError

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from semiseg.config import DataConfig
+from semiseg.data_config import DataConfig
 from semiseg.data.base import DATASETS, SegData, check_classes_present, normalise
 from semiseg.data.folder import read_spec
 from semiseg.data.resize import pad_square, resize_pair

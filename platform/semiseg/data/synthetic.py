@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from semiseg.config import DataConfig
+from semiseg.data_config import DataConfig
 from semiseg.data.base import DATASETS, SegData, normalise
 
 CLASSES = ["background", "lung", "heart", "spine"]

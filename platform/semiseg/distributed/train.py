@@ -1,4 +1,5 @@
-"""One trial = one Ray Train TorchTrainer running `engine.fit` on each worker (DDP across them)."""
+"""One trial = its method's stages (semiseg.distributed.stages); each TrainStage is one Ray Train
+TorchTrainer running `engine.fit` on each worker (DDP across them)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from semiseg import tracking
 from semiseg.config import Config, from_dict
 from semiseg.data import load_dataset
 from semiseg.data.splits import make_split
-from semiseg.distributed.chain import run_sam_chain
 from semiseg.distributed.cluster import storage_path
-from semiseg.engine import FitResult, fit
+from semiseg.distributed.stages import run_stages
+from semiseg.engine import FitResult, build_trainer, fit
+from semiseg.methods import METHODS
 
 
 class RayReportCallback:
@@ -47,6 +49,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     callbacks: list = []
     if logger:
         logger.log_dict(split.manifest(data), "split_manifest.json")
+        logger.log_dict(split.summary(data), "split_summary.json")  # each role's position range
         callbacks.append(tracking.MlflowCallback(logger, _logged_epochs(logger, checkpoint)))
     # MLflow before Ray: once Ray holds an epoch's checkpoint, its metrics are logged, so a
     # restart from that checkpoint can never leave the epoch out of the run.
@@ -65,8 +68,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="semiseg-"))
     resume = _restore(checkpoint, workdir)
     try:
-        fit(cfg, data, split, device, workdir / "latest", callbacks,
-            resume_from=resume, wrap_model=wrap, rank=rank)
+        trainer = build_trainer(cfg, data, split, device, wrap_model=wrap, rank=rank)
+        fit(trainer, workdir / "latest", callbacks, resume_from=resume)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -135,7 +138,8 @@ def run_trainer(cfg: Config, run_id: str | None, uri: str, name: str,
 
 def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: str | None,
                       callbacks: list | None = None) -> str:
-    """Create the trial's MLflow run, train, and close the run as FINISHED or FAILED."""
+    """Create the trial's MLflow run, run its method's stages, and close the run as FINISHED or
+    FAILED."""
     name = trial_name(cfg)
     run_id = tracking.start_run(uri, experiment_id, name, "trial", trial_tags(cfg), parent_run_id)
     # One Train run per tracked run: a rerun (--force, or after a deleted run) must start
@@ -145,13 +149,11 @@ def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: 
     logger = tracking.RunLogger(uri, run_id, spool)
     logger.log_params(cfg.flat())
     try:
-        if cfg.method.name == "sam_refined":  # coarse model -> SAM pseudo-labels -> retrain
-            result = run_sam_chain(
-                cfg, run_id, train_name,
-                train=lambda c, rid, name: run_trainer(c, rid, uri, name, callbacks if rid else None),
-                log_metrics=logger.log_metrics, log_files=logger.log_files)
-        else:
-            result = run_trainer(cfg, run_id, uri, train_name, callbacks)
+        # Only the stage given the run id (the last) reports to Tune and logs to the run.
+        result = run_stages(
+            cfg, run_id, train_name,
+            train=lambda c, rid, name: run_trainer(c, rid, uri, name, callbacks if rid else None),
+            log_metrics=logger.log_metrics, log_files=logger.log_files)
         _log_model(logger, result, cfg)
     except BaseException:
         logger.end("FAILED")
@@ -177,4 +179,5 @@ def trial_tags(cfg: Config) -> dict[str, str]:
         tracking.CONFIG_HASH_TAG: cfg.config_hash(), "method": cfg.method.name,
         "dataset": cfg.data.name, "label_fraction": f"{cfg.data.label_fraction:g}",
         "seed": str(cfg.train.seed),
+        "method.evaluates": METHODS.get(cfg.method.name).evaluates,  # e.g. "teacher"
     }

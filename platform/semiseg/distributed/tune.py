@@ -18,27 +18,25 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from semiseg import tracking
-from semiseg.config import Config, from_dict
+from semiseg.config import Config, from_dict, method_grid
 from semiseg.distributed.cluster import connect, storage_path
 from semiseg.distributed.progress import SweepProgress
 from semiseg.distributed.train import run_tracked_trial
 from semiseg.errors import SemisegError
+from semiseg.methods import FULL_SUPERVISION_METHOD
+from semiseg.preflight import check_paths
 
 
 def expand_grid(cfg: Config) -> list[dict[str, Any]]:
     """One plain config dict per trial: methods x their param grids x fractions x seeds, plus
-    supervised at fraction 1.0 per seed when sweep.full_supervision is on."""
+    the full-supervision method at fraction 1.0 per seed when sweep.full_supervision is on."""
     base = cfg.to_dict()
     trials = []
-    for method in cfg.sweep.methods:
-        own = base["method"]["params"] if method == cfg.method.name else {}
-        grid = {k.split(".", 1)[1]: v for k, v in cfg.sweep.params.items() if k.startswith(method + ".")}
-        for values in itertools.product(*grid.values()):
-            params = {**own, **dict(zip(grid, values))}
-            for fraction, seed in itertools.product(cfg.sweep.label_fractions, cfg.sweep.seeds):
-                trials.append(_trial(base, method, params, fraction, seed))
+    for setting in method_grid(cfg):
+        for fraction, seed in itertools.product(cfg.sweep.label_fractions, cfg.sweep.seeds):
+            trials.append(_trial(base, setting.name, setting.params, fraction, seed))
     if cfg.sweep.full_supervision:
-        full = [_trial(base, "supervised", {}, 1.0, seed) for seed in cfg.sweep.seeds]
+        full = [_trial(base, FULL_SUPERVISION_METHOD, {}, 1.0, seed) for seed in cfg.sweep.seeds]
         trials += [t for t in full if t not in trials]
     # Seed-major order: a partial sweep already compares every method on the first seeds.
     return sorted(trials, key=lambda t: t["train"]["seed"])
@@ -75,9 +73,11 @@ class SweepOutcome:
 def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> SweepOutcome:
     """Run the grid's trials that have not already FINISHED with the same config hash in this
     experiment (all of them with force), so a rerun or a nightly job trains only what is new."""
-    cfg.ray.storage_path = storage_path(cfg.ray.storage_path)  # trials run in other dirs
+    check_paths(cfg)  # data.root, resolved: trials run in other dirs
+    cfg.ray.storage_path = storage_path(cfg.ray.storage_path)
     trials = expand_grid(cfg)
-    # A bad trial fails here, before any store or Ray session exists.
+    # A bad trial fails here, before any store or Ray session exists (loading the config
+    # already checked every method setting of the grid).
     hashes = [from_dict(t, source="sweep trial").config_hash() for t in trials]
     uri = tracking.resolve_uri(cfg.tracking.uri)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
@@ -134,11 +134,26 @@ def _run_tuner(cfg: Config, trials: list[dict[str, Any]], uri: str, experiment_i
         raise SweepFailed(f"{len(errors)} of {len(trials)} trials failed; first: {errors[0]}")
 
 
+class _ASHAUpToLastEpoch(ASHAScheduler):
+    """ASHA that never stops a trial at its last epoch's report. A rung can fall there
+    (grace_period >= epochs, or epochs == grace_period * 4**k), and a trial stopped then has
+    already trained: stopping it would only lose its test score and end its run KILLED."""
+
+    def __init__(self, last_epoch: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.last_epoch = last_epoch
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)  # records the rung
+        if result.get(self._time_attr, 0) >= self.last_epoch:
+            return self.CONTINUE
+        return action
+
+
 def _scheduler(cfg: Config) -> ASHAScheduler | None:
     if cfg.sweep.scheduler == "fifo":
         return None
-    # max_t one past the last epoch: ASHA stops lagging trials at its rungs, but never a trial
-    # at its final report, which would kill it before it scores test and closes its run.
-    return ASHAScheduler(time_attr="training_iteration", metric="val/dice_mean", mode="max",
-                         max_t=cfg.train.epochs + 1,
-                         grace_period=min(cfg.sweep.grace_period, cfg.train.epochs))
+    # max_t one past the last epoch, so ASHA's own max_t stop never comes before the test.
+    return _ASHAUpToLastEpoch(cfg.train.epochs, time_attr="training_iteration",
+                              metric="val/dice_mean", mode="max", max_t=cfg.train.epochs + 1,
+                              grace_period=min(cfg.sweep.grace_period, cfg.train.epochs))

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from semiseg.methods.stages import Stage, TrainStage
+
 
 @dataclass
 class Batch:
@@ -49,20 +51,44 @@ class NoParams:
 
 class Method(ABC):
     """Base class. Subclasses set `name` (their file's name, via `register_method`) and
-    `Config` (a dataclass of hyperparameters whose defaults are the paper's)."""
+    `Config` (a dataclass of hyperparameters whose defaults are the paper's; its
+    `__post_init__` raises ConfigError for out-of-range values, so a bad value fails when the
+    config loads).
+
+    Contracts the registry-wide tests check for every method:
+    - `uses_unlabeled = True` methods implement `unlabeled_loss(unlabeled, step)`;
+    - `evaluates` names the network `eval_model()` returns ("student" or e.g. "teacher"), so
+      runs record what was evaluated;
+    - `total_steps` is the length of the training run, for schedule-relative ramps;
+    - `stages(cfg)` is what a trial runs (one TrainStage unless the method says otherwise);
+    - `identity_sections` names the config sections beyond data/model/method/train that change
+      the trained model, so they enter the run identity (`Config.identity`).
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoParams
     uses_unlabeled: ClassVar[bool] = True
+    evaluates: ClassVar[str] = "student"
+    """Which network `eval_model()` returns: "student" (the trained model) or e.g. "teacher"."""
+    identity_sections: ClassVar[tuple[str, ...]] = ()
+    """Config sections (e.g. "sam") that shape this method's model and so its run identity."""
 
-    def __init__(self, model: nn.Module, cfg: Any, num_classes: int) -> None:
+    def __init__(self, model: nn.Module, cfg: Any, num_classes: int,
+                 total_steps: int = 1000) -> None:
         self.model = model
         self.cfg = cfg
         self.num_classes = num_classes
+        self.total_steps = total_steps
 
     @abstractmethod
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """Return the loss for one step."""
+
+    def unlabeled_loss(self, unlabeled: Batch, step: int) -> Tensor:
+        """The loss on one unlabeled batch alone (a scalar that sends gradient to `self.model`).
+        Required when `uses_unlabeled`; `training_step` usually adds it to the supervised loss."""
+        raise NotImplementedError(
+            f"method {type(self).__name__} sets uses_unlabeled=True but has no unlabeled_loss")
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step, e.g. to update an EMA teacher."""
@@ -74,6 +100,13 @@ class Method(ABC):
         """Per-image labels fixed before training (e.g. SAM-refined pseudo-labels) for unlabeled
         dataset indices, -1 where none; the engine warps them with the images. None: no such labels."""
         return None
+
+    @classmethod
+    def stages(cls, cfg: Any) -> list[Stage]:
+        """What one trial of this method runs, given the whole Config: by default, train it.
+        A multi-stage method returns its chain (semiseg.methods.stages); the last stage is a
+        TrainStage of the model the trial reports."""
+        return [TrainStage(method=cls.name, params=dict(cfg.method.params))]
 
     def eval_model(self) -> nn.Module:
         """The model to evaluate and checkpoint as 'the' model (e.g. a mean teacher)."""

@@ -16,6 +16,16 @@ Hyperparameters (the official code's defaults where it has them):
 - rounds = 5: number of refreshes; after the last, the pseudo-labeller stays fixed.
 - Until the first refresh (epochs 0 .. refresh_epochs - 1) only labeled pixels are contrasted:
   the paper, too, first trains on the labeled set before pseudo-labelling.
+
+Schedule: the paper's stage 1 trains on labeled images only, then pseudo-labels from the
+best-val model are refreshed over a few rounds (about 15 000 iterations in all, official code).
+Rounds are counted in epochs here, not as a fraction of the run, because refreshing happens at
+epoch boundaries (`on_epoch_start`), which know the epoch but not the run's length: with
+`train.epochs` E, rounds end at epoch refresh_epochs * rounds, so choose them for E. There is no
+ramp-up (the paper has none; the contrastive weight is constant). The student is evaluated.
+
+Ranges: temperature > 0; contrastive_weight >= 0; samples_per_class >= 2 (a positive pair
+needs two pixels of a class); refresh_epochs >= 1; rounds >= 0 (0: labeled pixels only).
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semiseg.methods.base import Batch, Method, StepOutput
-from semiseg.methods.common import joint_forward, pixels, sample_per_class, unwrap
+from semiseg.methods.common import (check_range, check_weights, joint_forward, pixels,
+                                    sample_per_class, unwrap)
 from semiseg.methods.losses import segmentation_loss
 from semiseg.methods.registry import register_method
 
@@ -46,6 +57,13 @@ class LocalContrastiveConfig:
     """Epochs between pseudo-label refreshes."""
     rounds: int = 5
     """Self-training rounds (pseudo-label refreshes)."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "temperature", 0, low_open=True)
+        check_weights(self, "contrastive_weight")
+        check_range(self, "samples_per_class", 2, integer=True)
+        check_range(self, "refresh_epochs", 1, integer=True)
+        check_range(self, "rounds", 0, integer=True)
 
 
 def sample_per_class_pixels(features: Tensor, labels: Tensor, per_class: int) -> tuple[Tensor, Tensor]:
@@ -76,8 +94,9 @@ class LocalContrastive(Method):
 
     Config = LocalContrastiveConfig
 
-    def __init__(self, model: nn.Module, cfg: LocalContrastiveConfig, num_classes: int) -> None:
-        super().__init__(model, cfg, num_classes)
+    def __init__(self, model: nn.Module, cfg: LocalContrastiveConfig, num_classes: int,
+                 total_steps: int = 1000) -> None:
+        super().__init__(model, cfg, num_classes, total_steps)
         self.labeller = copy.deepcopy(unwrap(model)).requires_grad_(False)
         self.refreshes = 0
 

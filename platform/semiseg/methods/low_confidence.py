@@ -11,12 +11,20 @@ pixels whose teacher max-probability is >= tau are dropped. On the remaining pix
   class feature means over labeled pixels (true labels) and confident unlabeled pixels
   (teacher labels).
 
-Hyperparameters (the abstract gives no values; these follow the usual mean-teacher settings):
-- threshold (tau) = 0.8: pixels with teacher confidence >= tau are dropped.
-- consistency_weight = 0.1, separation_weight = 0.1: loss weights after the sigmoid ramp-up
-  of rampup_steps = 200 steps.
-- ema_decay = 0.99: teacher EMA; prototype_momentum = 0.9: prototype EMA.
-- temperature = 0.1: of the class-separation softmax.
+The teacher is a parameters-only EMA of the student whose BatchNorm statistics are its own,
+from its own train-mode passes (see `ema_update`); it is what is evaluated
+(`evaluates = "teacher"`), as for `mean_teacher`.
+
+Hyperparameters (the abstract gives no values and we know of no public code; these follow the
+mean-teacher settings of SSL4MIS, on which such methods build):
+- threshold (tau) = 0.8, in [0, 1]: pixels with teacher confidence >= tau are dropped (ours).
+- consistency_weight = 0.1 (SSL4MIS), separation_weight = 0.1 (ours): loss weights, >= 0.
+- rampup_fraction = 1.0, in [0, 1]: both weights ramp up (sigmoid) over this fraction of the
+  run; SSL4MIS's mean teacher ramps over its whole run (iter_num // 150 with
+  consistency_rampup = 200: 30 000 of 30 000 iterations). Replaces the fixed 200 steps.
+- ema_decay = 0.99, in [0, 1): teacher EMA (SSL4MIS).
+- prototype_momentum = 0.9, in [0, 1): prototype EMA (ours).
+- temperature = 0.1, > 0: of the class-separation softmax (ours; the usual contrastive value).
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semiseg.methods.base import Batch, Method, StepOutput
-from semiseg.methods.common import ema_update, joint_forward, make_teacher, sigmoid_rampup
+from semiseg.methods.common import (check_decays, check_fractions, check_range, check_weights,
+                                    ema_update, joint_forward, make_teacher, schedule_rampup)
 from semiseg.methods.losses import segmentation_loss
 from semiseg.methods.registry import register_method
 
@@ -48,8 +57,14 @@ class LowConfidenceConfig:
     """EMA momentum of the class prototypes."""
     temperature: float = 0.1
     """Temperature of the class-separation softmax over prototype similarities."""
-    rampup_steps: int = 200
-    """Steps of the sigmoid ramp-up of both unlabeled weights."""
+    rampup_fraction: float = 1.0
+    """Fraction of the run over which both unlabeled weights ramp up (sigmoid), in [0, 1]."""
+
+    def __post_init__(self) -> None:
+        check_fractions(self, "threshold", "rampup_fraction")
+        check_weights(self, "consistency_weight", "separation_weight")
+        check_decays(self, "ema_decay", "prototype_momentum")
+        check_range(self, "temperature", 0, low_open=True)
 
 
 def low_confidence_mask(teacher_probs: Tensor, threshold: float) -> Tensor:
@@ -72,9 +87,11 @@ class LowConfidence(Method):
     """Mean teacher whose consistency and prototype separation use low-confidence pixels only."""
 
     Config = LowConfidenceConfig
+    evaluates = "teacher"
 
-    def __init__(self, model: nn.Module, cfg: LowConfidenceConfig, num_classes: int) -> None:
-        super().__init__(model, cfg, num_classes)
+    def __init__(self, model: nn.Module, cfg: LowConfidenceConfig, num_classes: int,
+                 total_steps: int = 1000) -> None:
+        super().__init__(model, cfg, num_classes, total_steps)
         self.teacher = make_teacher(model)
         self.prototypes: Tensor | None = None  # (K, C), set from the first batch
 
@@ -90,11 +107,11 @@ class LowConfidence(Method):
                         step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(consistency, separation, low-confidence mask, teacher labels)."""
         with torch.no_grad():
-            self.teacher.train()
+            self.teacher.train()  # batch statistics; its own running statistics follow its weights
             t_probs = self.teacher(unlabeled.image).float().softmax(1)
         low = low_confidence_mask(t_probs, self.cfg.threshold)
         t_label = t_probs.argmax(1)
-        ramp = sigmoid_rampup(step, self.cfg.rampup_steps)
+        ramp = schedule_rampup(step, self.cfg.rampup_fraction, self.total_steps)
         sq = ((logits_u.float().softmax(1) - t_probs) ** 2).sum(1)
         consistency = self.cfg.consistency_weight * ramp * (sq * low).sum() / low.numel()
         self.update_prototypes(feats_u, t_label, ~low)

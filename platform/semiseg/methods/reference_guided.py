@@ -12,20 +12,31 @@ confirmation bias of prediction-based pseudo-labels (see `pseudo_label`).
 Matching scales: the bank is capped (`bank_size`, split evenly over classes) and similarities
 are computed in chunks of `chunk_size` query pixels, never as one N x M matrix.
 
-Hyperparameters:
+Hyperparameters (the paper's where it gives them):
 - k = 1: the paper matches each pixel to its single best-fitting reference pixel.
 - bank_size = 2048: reference pixels per step, up to bank_size // num_classes per class
-  (cost grows linearly with it).
-- similarity_threshold = 0.0: optional minimum cosine similarity of the best match; pixels
-  below it are left out (0 keeps every pixel, as in the paper).
-- unlabeled_weight = 1.0, rampup_steps = 200: weight of the pseudo-label cross-entropy and its
-  sigmoid ramp-up (features of an untrained network match poorly at first).
-- chunk_size = 4096: query pixels per similarity matmul.
+  (cost grows linearly with it). Ours: the paper matches against its reference set.
+- similarity_threshold = 0.0: optional minimum cosine similarity of the best match, in [-1, 1];
+  pixels below it are left out (0 keeps every pixel, as in the paper: decoder features follow
+  a ReLU, so cosines are >= 0).
+- unlabeled_weight = 1.0: weight of the pseudo-label cross-entropy.
+- rampup_fraction = 0.25: sigmoid ramp-up of that weight over the first quarter of the run,
+  since features of an untrained network match poorly at first. The paper gives no ramp-up
+  that we could check; the length is Laine & Aila's (80 of 300 epochs), the ramp shape theirs.
+  It replaces the earlier fixed 200 steps.
+- cutmix = False, cutmix_p = 0.5: optional CutMix of the strong views with the matched labels
+  mixed alike (see `WeakToStrongSelfTraining`). Off by default because the paper has none;
+  p = 0.5 is UniMatch's when it is on.
+- chunk_size = 4096: query pixels per similarity matmul (ours, a memory bound).
 - feature_ema = 0.99: the features that are matched (reference and query) come from an EMA
-  copy of the model. This is our addition, not the paper's: matching on the student's own
-  features collapsed in our runs (synthetic, 5 % labels: pseudo-label Dice 0.50 -> 0.09 and
-  val Dice 0.63 -> 0.12 over 15 epochs, as labels and features chased each other), while the
-  EMA copy held pseudo-label Dice at about 0.67. Set 0 for the plain variant.
+  copy of the model, in [0, 1). This is our addition, not the paper's: matching on the
+  student's own features collapsed in our runs (synthetic, 5 % labels: pseudo-label Dice
+  0.50 -> 0.09 and val Dice 0.63 -> 0.12 over 15 epochs, as labels and features chased each
+  other), while the EMA copy held pseudo-label Dice at about 0.67. Set 0 for the plain
+  variant. As for a mean teacher, the EMA is over parameters only and the copy's BatchNorm
+  statistics are its own, from its own train-mode passes (see `ema_update`).
+
+The student is what is evaluated (`evaluates = "student"`): the EMA copy only matches.
 """
 
 from __future__ import annotations
@@ -38,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semiseg.methods.base import Batch
-from semiseg.methods.common import (WeakToStrongSelfTraining, ema_update, make_teacher, pixels,
+from semiseg.methods.common import (WeakToStrongSelfTraining, check_decays, check_fractions,
+                                    check_range, check_weights, ema_update, make_teacher, pixels,
                                     sample_per_class)
 from semiseg.methods.registry import register_method
 
@@ -53,13 +65,25 @@ class ReferenceGuidedConfig:
     """Minimum cosine similarity of the best match for a pixel to be used."""
     unlabeled_weight: float = 1.0
     """Weight of the pseudo-label cross-entropy after ramp-up."""
-    rampup_steps: int = 200
-    """Steps of the sigmoid ramp-up of unlabeled_weight."""
+    rampup_fraction: float = 0.25
+    """Fraction of the run over which unlabeled_weight ramps up (sigmoid), in [0, 1]."""
+    cutmix: bool = False
+    """CutMix the strong views between unlabeled images, mixing the matched labels alike."""
+    cutmix_p: float = 0.5
+    """Probability that an unlabeled image gets a CutMix box, in [0, 1]."""
     chunk_size: int = 4096
     """Query pixels per similarity matmul (bounds memory at chunk_size x bank_size)."""
     feature_ema: float = 0.99
-    """Features for matching come from an EMA copy of the model with this decay; 0 uses the
-    student itself (which collapsed in our runs, see the module docstring)."""
+    """Features for matching come from an EMA copy of the model with this decay, in [0, 1);
+    0 uses the student itself (which collapsed in our runs, see the module docstring)."""
+
+    def __post_init__(self) -> None:
+        for key in ("k", "bank_size", "chunk_size"):
+            check_range(self, key, 1, integer=True)
+        check_range(self, "similarity_threshold", -1, 1)
+        check_weights(self, "unlabeled_weight")
+        check_fractions(self, "rampup_fraction", "cutmix_p")
+        check_decays(self, "feature_ema")
 
 
 def sample_bank(features: Tensor, masks: Tensor, bank_size: int, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -94,8 +118,9 @@ class ReferenceGuided(WeakToStrongSelfTraining):
 
     Config = ReferenceGuidedConfig
 
-    def __init__(self, model, cfg: ReferenceGuidedConfig, num_classes: int) -> None:
-        super().__init__(model, cfg, num_classes)
+    def __init__(self, model, cfg: ReferenceGuidedConfig, num_classes: int,
+                 total_steps: int = 1000) -> None:
+        super().__init__(model, cfg, num_classes, total_steps)
         self.bank: tuple[Tensor, Tensor] | None = None
         self.matcher = make_teacher(model) if cfg.feature_ema > 0 else None
 
@@ -103,7 +128,7 @@ class ReferenceGuided(WeakToStrongSelfTraining):
         with torch.no_grad():
             if self.matcher is None:
                 return self.model(images, return_features=True)[1]
-            self.matcher.train()  # same BatchNorm mode as the student's passes
+            self.matcher.train()  # batch statistics, which also update the copy's own
             return self.matcher(images, return_features=True)[1]
 
     def observe_labeled(self, labeled: Batch, features: Tensor) -> None:

@@ -1,4 +1,8 @@
-"""The method registry. Each method lives in its own file and registers under that file's name."""
+"""The method registry. Each method lives in its own file and registers under that file's name.
+
+`check_method` is the full check of one method setting (params in range, stages runnable) that
+config loading applies to the config's method and to every combination of the sweep grid.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ from typing import Any, Callable
 
 from semiseg.config_schema import build
 from semiseg.errors import ConfigError
+from semiseg.methods.stages import TrainStage, check_stages
 from semiseg.registry import Registry
 
 METHODS: Registry = Registry("method")
+
+FULL_SUPERVISION_METHOD = "supervised"
+"""The method trained on labels alone: the sweep's full-supervision upper bound
+(sweep.full_supervision) and the coarse model of pseudo-label chains."""
 
 
 def register_method(module_name: str) -> Callable[[type], type]:
@@ -40,3 +49,16 @@ def check_method_params(name: str, params: dict[str, Any], check_values: bool = 
             )
     if check_values:
         method_config(name, params)
+
+
+def check_method(cfg: Any) -> None:
+    """Raise ConfigError naming the key unless the method of `cfg` (a whole Config) can run:
+    its params fit its Config (types and ranges), and so do those of every stage it declares."""
+    name = cfg.method.name
+    check_method_params(name, cfg.method.params)
+    stages = METHODS.get(name).stages(cfg)
+    check_stages(stages, name)
+    for stage in stages:
+        if isinstance(stage, TrainStage):
+            check_method_params(stage.method, stage.params)
+            check_method_params(stage.method, dict.fromkeys(stage.inputs), check_values=False)

@@ -5,21 +5,21 @@ A U-Net trained on the labeled images predicts coarse masks on the unlabeled ima
 seed points taken from them prompt SAM, whose refined masks become pseudo-labels; a model then
 trains on the labeled images plus those pseudo-labels as if they were labels. This method is
 that last step: it reads the refined pseudo-labels from a manifest written by
-`semiseg pseudolabel` (semiseg.sam + semiseg.distributed.pseudolabel). In a sweep, the SAM chain
-(semiseg.distributed.chain) trains the coarse model, refines, sets `manifest` and runs this
-method, for `rounds` rounds (coarse -> refine -> retrain, the retrained model being the next
-round's coarse model).
+`semiseg pseudolabel` (semiseg.sam + semiseg.distributed.pseudolabel). A trial runs the whole
+loop: `SamRefined.stages` declares it as data (a supervised coarse model, then per round a
+PseudoLabelStage and a retrain whose `manifest` is that stage's output, the retrained model being
+the next round's coarse model), and semiseg.distributed.stages runs it.
 
 The pseudo-labels are fixed for the whole run, so the engine warps them with each unlabeled
 image (`Method.fixed_targets`); pixels warped in from outside the image carry no label.
 
 Hyperparameters:
-- manifest: the pseudo-label manifest (set by the chain).
+- manifest: the pseudo-label manifest (a stage input: the runner sets it in a trial).
 - unlabeled_weight = 1.0: weight of the pseudo-label cross-entropy (the paper trains on both
   sets as one, i.e. weight 1).
 - min_sam_iou = 0.0: a class whose SAM-predicted IoU in an image is below this is left out of
   that image's pseudo-label (ignored, not background); 0 keeps every refined mask, as the paper.
-- rounds = 1: coarse -> refine -> retrain rounds the chain runs (read by the chain).
+- rounds = 1: coarse -> refine -> retrain rounds a trial runs (the paper: one).
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ from semiseg.errors import ConfigError, SemisegError
 from semiseg.methods.base import Batch, Method, StepOutput
 from semiseg.methods.common import masked_cross_entropy
 from semiseg.methods.losses import segmentation_loss
-from semiseg.methods.registry import register_method
+from semiseg.methods.registry import FULL_SUPERVISION_METHOD, method_config, register_method
+from semiseg.methods.stages import PseudoLabelStage, Stage, TrainStage
 from semiseg.sam.store import read_manifest
 
 
 @dataclass
 class SamRefinedConfig:
     manifest: str = ""
-    """Pseudo-label manifest (manifest.parquet or its folder); the SAM chain sets it in a sweep."""
+    """Pseudo-label manifest (manifest.parquet or its folder); a trial's stage runner sets it."""
     unlabeled_weight: float = 1.0
     """Weight of the cross-entropy on the SAM pseudo-labels."""
     min_sam_iou: float = 0.0
@@ -51,20 +52,42 @@ class SamRefinedConfig:
     rounds: int = 1
     """Coarse -> refine -> retrain rounds of the SAM chain."""
 
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"method.params.rounds={self.rounds}: expected an integer >= 1")
+        if self.unlabeled_weight < 0:
+            raise ConfigError(f"method.params.unlabeled_weight={self.unlabeled_weight}: expected 0 or more")
+        if not 0.0 <= self.min_sam_iou <= 1.0:
+            raise ConfigError(f"method.params.min_sam_iou={self.min_sam_iou}: expected a value in [0, 1]")
+
 
 @register_method(__name__)
 class SamRefined(Method):
     """Labeled images plus fixed SAM-refined pseudo-labels on the unlabeled images."""
 
     Config = SamRefinedConfig
+    identity_sections = ("sam",)  # SAM makes the pseudo-labels, so it shapes the model
 
-    def __init__(self, model: nn.Module, cfg: SamRefinedConfig, num_classes: int) -> None:
-        super().__init__(model, cfg, num_classes)
+    @classmethod
+    def stages(cls, cfg) -> list[Stage]:
+        """Coarse U-Net on the labeled images, then per round: SAM refines the latest model's
+        masks on the unlabeled images, and this method retrains on labeled + pseudo-labels."""
+        params = dict(cfg.method.params)
+        stages: list[Stage] = [TrainStage(FULL_SUPERVISION_METHOD, {}, name="coarse")]
+        model = "coarse"
+        for r in range(method_config(cls.name, params).rounds):
+            stages.append(PseudoLabelStage(f"pseudolabels-round{r}", model=model, round=r))
+            stages.append(TrainStage(cls.name, params, name=f"round{r}",
+                                     inputs={"manifest": f"pseudolabels-round{r}"}))
+            model = f"round{r}"
+        return stages
+
+    def __init__(self, model: nn.Module, cfg: SamRefinedConfig, num_classes: int,
+                 total_steps: int = 1000) -> None:
+        super().__init__(model, cfg, num_classes, total_steps)
         if not cfg.manifest:
             raise ConfigError("method sam_refined needs method.params.manifest (from `semiseg pseudolabel`);"
-                              " in a sweep the SAM chain sets it")
-        if cfg.rounds < 1:
-            raise ConfigError(f"method.params.rounds={cfg.rounds}: expected 1 or more")
+                              " in a trial its stage runner sets it")
         self.row_of, self.labels = _load_targets(cfg.manifest, num_classes, cfg.min_sam_iou)
 
     def fixed_targets(self, index: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""A compact 2D U-Net that can also return full-resolution pixel features."""
+"""A compact 2D U-Net that can also return full-resolution pixel features, or decode a second,
+feature-perturbed branch (UniMatch's dropout on the encoder features)."""
 
 from __future__ import annotations
 
@@ -84,9 +85,36 @@ class UNet(nn.Module):
         return 2**self.depth
 
     def forward(
-        self, x: torch.Tensor, return_features: bool = False
+        self, x: torch.Tensor, return_features: bool = False, feature_dropout: float | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, num_classes, H, W), or (logits, features (B, feature_dim, H, W))."""
+        """Logits (B, num_classes, H, W), or (logits, features (B, feature_dim, H, W)).
+
+        With ``feature_dropout=p`` it returns (clean logits, perturbed logits) instead: the
+        perturbed branch decodes the encoder features (every skip and the bottleneck) after
+        channel-wise Dropout2d(p), UniMatch's feature perturbation (its ``need_fp``). Both halves
+        go through the decoder as one batch of 2B, as in UniMatch, so decoder BatchNorm sees both.
+        The dropout is applied whatever the module's mode: asking for it is asking for the noise.
+        A keyword of ``forward`` (not a second method) so that a DDP wrapper still syncs grads.
+        """
+        self._check_input(x)
+        skips, bottom = self._encode(x)
+        if feature_dropout is None:
+            x = self._decode(skips, bottom)
+            logits = self.head(x)
+            return (logits, x) if return_features else logits
+        if return_features:
+            raise ValueError("UNet: return_features and feature_dropout cannot be combined")
+        if not 0.0 <= feature_dropout < 1.0:
+            raise ValueError(f"UNet feature_dropout={feature_dropout}: expected a value in [0, 1)")
+
+        def with_perturbed(feature: torch.Tensor) -> torch.Tensor:
+            return torch.cat([feature, F.dropout2d(feature, feature_dropout, training=True)])
+
+        logits = self.head(self._decode([with_perturbed(s) for s in skips], with_perturbed(bottom)))
+        clean, perturbed = logits.chunk(2)
+        return clean, perturbed
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"UNet expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
@@ -98,13 +126,18 @@ class UNet(nn.Module):
                 f"UNet input size {h}x{w} is not divisible by {div} "
                 f"(2**depth with depth={self.depth}); pad or resize H and W to multiples of {div}"
             )
+
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The encoder's skip features (top to bottom) and the bottleneck features."""
         skips = []
         for encoder in self.encoders:
             x = encoder(x)
             skips.append(x)
             x = self.pool(x)
-        x = self.bottleneck(x)
+        return skips, self.bottleneck(x)
+
+    def _decode(self, skips: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The last decoder map (B, feature_dim, H, W) from the encoder's features."""
         for decoder, skip in zip(self.decoders, reversed(skips)):
             x = decoder(x, skip)
-        logits = self.head(x)
-        return (logits, x) if return_features else logits
+        return x

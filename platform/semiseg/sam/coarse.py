@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from semiseg.checkpoint_io import mismatch_summary, read_weights_only
+from semiseg.checkpoint_io import CHECKPOINT_FILE, mismatch_summary, read_weights_only
 from semiseg.config import ModelConfig
-from semiseg.engine import CHECKPOINT_FILE
 from semiseg.errors import SemisegError
 from semiseg.models import create_model
 
