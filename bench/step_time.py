@@ -20,7 +20,7 @@ import torch
 from semiseg.config import load_config
 from semiseg.data import load_dataset
 from semiseg.data.splits import make_split
-from semiseg.engine import Trainer
+from semiseg.engine import Trainer, build_trainer
 from semiseg.methods import METHODS
 from semiseg.pseudo_quality import PseudoLabelScore
 from semiseg.sam.store import PseudoLabelStore
@@ -34,7 +34,7 @@ def build(method: str, args: argparse.Namespace, device: torch.device) -> Traine
     split = make_split(data, cfg.data, 0)
     extra = [f"method.params.manifest={pseudo_manifest(data, split)}"] if method == "sam_refined" else []
     cfg = load_config(None, [*overrides, f"method.name={method}", *extra])
-    return Trainer(cfg, data, split, device)
+    return build_trainer(cfg, data, split, device)
 
 
 def pseudo_manifest(data, split) -> str:
@@ -46,7 +46,7 @@ def pseudo_manifest(data, split) -> str:
 
 
 def time_steps(trainer: Trainer, steps: int, start: int, device: torch.device) -> float:
-    score = PseudoLabelScore(trainer.data.num_classes)
+    score = PseudoLabelScore(len(trainer.classes))
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

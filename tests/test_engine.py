@@ -1,4 +1,5 @@
-"""The training engine on CPU with tiny configs: results, callbacks, checkpoints and resume,
+"""The training engine on CPU with tiny configs: build_trainer, results (test and test_final
+metrics, per-image Dice), callbacks, checkpoints and resume,
 divergence, determinism; plus the LR schedule and the pseudo-label score."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from semiseg.config import Config, load_config
 from semiseg.data import SegData, load_dataset
 from semiseg.data.splits import Split, make_split
-from semiseg.engine import CHECKPOINT_FILE, FitResult, TrainingDiverged, fit, resolve_device
+from semiseg.engine import (CHECKPOINT_FILE, FitResult, TrainingDiverged, build_trainer, fit,
+                            resolve_device)
 from semiseg.errors import SemisegError
 from semiseg.optim import build_optimizer, build_scheduler, lr_factor
 from semiseg.pseudo_quality import PseudoLabelScore
@@ -95,7 +97,7 @@ def test_fit_results_and_callbacks(dataset, tmp_path: Path) -> None:
     data, split = dataset
     cfg = tiny()
     rec = Recorder()
-    result = fit(cfg, data, split, CPU, tmp_path / "run", callbacks=[rec])
+    result = fit(build_trainer(cfg, data, split, CPU), tmp_path / "run", callbacks=[rec])
 
     assert isinstance(result, FitResult)
     assert 0 <= result.best_epoch < cfg.train.epochs
@@ -108,6 +110,17 @@ def test_fit_results_and_callbacks(dataset, tmp_path: Path) -> None:
         assert math.isfinite(result.test_metrics[key]), key
         assert 0.0 <= result.test_metrics[key] <= 1.0
     assert len(result.examples) == min(cfg.tracking.overlays, len(split.test))
+    # the last epoch's model is scored too, under test_final/
+    assert {k.replace("test/", "test_final/", 1) for k in result.test_metrics if k.startswith("test/")} \
+        == {k for k in result.test_metrics if k.startswith("test_final/")}
+    # per-image Dice of the selected model, one row per test image, averaging to the test metrics
+    assert [row["id"] for row in result.per_image] == [data.ids[i] for i in split.test]
+    for name in data.classes[1:]:
+        column = np.array([row[f"dice/{name}"] for row in result.per_image])
+        assert np.nanmean(column) == pytest.approx(result.test_metrics[f"test/dice/{name}"])
+    for row in result.per_image:
+        scored = [row[f"dice/{n}"] for n in data.classes[1:] if not math.isnan(row[f"dice/{n}"])]
+        assert row["dice_mean"] == pytest.approx(np.mean(scored))
     for ex in result.examples:
         assert ex["image"].shape == ex["mask"].shape == ex["pred"].shape == (32, 32)
         assert ex["id"] in {data.ids[i] for i in split.test}
@@ -137,32 +150,53 @@ def test_deterministic(dataset, tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
         rec = Recorder()
-        fit(tiny("train.epochs=1"), data, split, CPU, tmp_path / name, callbacks=[rec])
+        fit(build_trainer(tiny("train.epochs=1"), data, split, CPU), tmp_path / name,
+            callbacks=[rec])
         runs.append(rec.metrics[0])
     assert runs[0]["train/loss"] == runs[1]["train/loss"]
     assert runs[0]["val/dice_mean"] == runs[1]["val/dice_mean"]
     # and the seed matters
     rec = Recorder()
-    fit(tiny("train.epochs=1", "train.seed=1"), data, split, CPU, tmp_path / "c", callbacks=[rec])
+    fit(build_trainer(tiny("train.epochs=1", "train.seed=1"), data, split, CPU), tmp_path / "c",
+        callbacks=[rec])
     assert rec.metrics[0]["train/loss"] != runs[0]["train/loss"]
+
+
+def test_build_trainer_seeds_weights_without_touching_global_rng(dataset) -> None:
+    """The same initial weights on every build (rank, rerun) whatever the global RNG holds,
+    different ones for another train.seed; the caller's global RNG stream is left as it was."""
+    data, split = dataset
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = build_trainer(tiny(), data, split, CPU)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(1000)  # the global RNG moves on; the next build must not care
+    again = build_trainer(tiny(), data, split, CPU, rank=1)
+    other = build_trainer(tiny("train.seed=1"), data, split, CPU)
+    weights = [list(t.model.state_dict().values()) for t in (first, again, other)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], weights[2]))
+    assert first.method.total_steps == first.loop.total_steps == 2 * 3
+    # ... while each rank draws its own batches
+    assert not torch.equal(first.streams.labeled.next(), again.streams.labeled.next())
 
 
 def test_resume_continues_exactly(dataset, tmp_path: Path) -> None:
     data, split = dataset
     cfg = tiny()
     straight = Recorder()
-    full = fit(cfg, data, split, CPU, tmp_path / "a", callbacks=[straight])
+    full = fit(build_trainer(cfg, data, split, CPU), tmp_path / "a", callbacks=[straight])
     assert straight.epochs == [0, 1]
 
     crashed = StopAfter(0)
     with pytest.raises(Stop):
-        fit(cfg, data, split, CPU, tmp_path / "b", callbacks=[crashed])
+        fit(build_trainer(cfg, data, split, CPU), tmp_path / "b", callbacks=[crashed])
     assert crashed.epochs == [0]
     assert (tmp_path / "b" / CHECKPOINT_FILE).is_file()
     assert crashed.metrics[0]["train/loss"] == pytest.approx(straight.metrics[0]["train/loss"], rel=1e-5)
 
     resumed = Recorder()
-    result = fit(cfg, data, split, CPU, tmp_path / "b", callbacks=[resumed],
+    result = fit(build_trainer(cfg, data, split, CPU), tmp_path / "b", callbacks=[resumed],
                  resume_from=tmp_path / "b")
     assert resumed.epochs == [1]  # epoch 0 is not run again
     assert resumed.calls == ["epoch", "fit"]
@@ -176,9 +210,10 @@ def test_resume_continues_exactly(dataset, tmp_path: Path) -> None:
 def test_resume_finished_run_runs_no_epoch(dataset, tmp_path: Path) -> None:
     data, split = dataset
     cfg = tiny("train.epochs=1")
-    first = fit(cfg, data, split, CPU, tmp_path / "a")
+    first = fit(build_trainer(cfg, data, split, CPU), tmp_path / "a")
     rec = Recorder()
-    again = fit(cfg, data, split, CPU, tmp_path / "a", callbacks=[rec], resume_from=tmp_path / "a")
+    again = fit(build_trainer(cfg, data, split, CPU), tmp_path / "a", callbacks=[rec],
+                resume_from=tmp_path / "a")
     assert rec.calls == ["fit"]
     assert again.best_epoch == first.best_epoch
     assert again.test_metrics["test/dice_mean"] == pytest.approx(first.test_metrics["test/dice_mean"])
@@ -186,10 +221,10 @@ def test_resume_finished_run_runs_no_epoch(dataset, tmp_path: Path) -> None:
 
 def test_checkpoint_from_other_config_refused(dataset, tmp_path: Path) -> None:
     data, split = dataset
-    fit(tiny("train.epochs=1"), data, split, CPU, tmp_path / "a")
+    fit(build_trainer(tiny("train.epochs=1"), data, split, CPU), tmp_path / "a")
     rec = Recorder()
     with pytest.raises(SemisegError, match="different config"):
-        fit(tiny("train.epochs=1", "train.seed=1"), data, split, CPU, tmp_path / "b",
+        fit(build_trainer(tiny("train.epochs=1", "train.seed=1"), data, split, CPU), tmp_path / "b",
             callbacks=[rec], resume_from=tmp_path / "a")
     assert rec.calls == []
 
@@ -197,14 +232,15 @@ def test_checkpoint_from_other_config_refused(dataset, tmp_path: Path) -> None:
 def test_missing_checkpoint(dataset, tmp_path: Path) -> None:
     data, split = dataset
     with pytest.raises(SemisegError, match="cannot read checkpoint"):
-        fit(tiny("train.epochs=1"), data, split, CPU, tmp_path / "a", resume_from=tmp_path / "nothing")
+        fit(build_trainer(tiny("train.epochs=1"), data, split, CPU), tmp_path / "a",
+            resume_from=tmp_path / "nothing")
 
 
 def test_diverging_lr_raises(dataset, tmp_path: Path) -> None:
     data, split = dataset
     rec = Recorder()
     with pytest.raises(TrainingDiverged) as info:
-        fit(tiny("train.lr=1.0e30", "train.grad_clip=0"), data, split, CPU, tmp_path / "a",
+        fit(build_trainer(tiny("train.lr=1.0e30", "train.grad_clip=0"), data, split, CPU), tmp_path / "a",
             callbacks=[rec])
     msg = str(info.value)
     assert "supervised" in msg
@@ -219,7 +255,7 @@ def test_nan_images_raise_at_step_0(dataset, tmp_path: Path) -> None:
     images[:, 5:9, 5:9] = np.nan
     bad = SegData(images, data.masks, data.groups, data.ids, data.classes, "nan-data")
     with pytest.raises(TrainingDiverged, match=r"'supervised'.*at step 0\b"):
-        fit(tiny(), bad, split, CPU, tmp_path / "a")
+        fit(build_trainer(tiny(), bad, split, CPU), tmp_path / "a")
 
 
 def test_resolve_device() -> None:
