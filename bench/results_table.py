@@ -1,6 +1,8 @@
 """Markdown for docs/RESULTS.md from an experiment's MLflow runs: test Dice at one label
 fraction (mean ± std over seeds), the share of the supervised → full-supervision gap each method
-closes, and the last-epoch pseudo-label Dice/coverage.
+closes, the paired difference with supervised-only (bootstrap 95 % CI over seeds × test images
+and a verdict, semiseg.paired) and the last-epoch pseudo-label Dice/coverage. Each method is
+shown at its method.params selected on val.
 
     python bench/results_table.py results_synthetic --uri sqlite:////abs/mlruns/mlflow.db
 """
@@ -12,7 +14,8 @@ import argparse
 import pandas as pd
 
 from semiseg import tracking
-from semiseg.report import finished_trials
+from semiseg.paired import select_on_val
+from semiseg.report import comparisons, finished_trials, per_image_results
 
 
 def main() -> None:
@@ -22,23 +25,38 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.05)
     args = p.parse_args()
     uri = tracking.resolve_uri(args.uri)
-    trials = finished_trials(uri, args.experiment)
+    trials = select_on_val(finished_trials(uri, args.experiment))
     full = trials[(trials.method == "supervised") & (trials.label_fraction == 1.0)]["dice"]
     low = trials[trials.label_fraction == args.fraction]
     sup = low[low.method == "supervised"]["dice"].mean()
     last = _last_pseudo(uri, args.experiment, args.fraction)
+    paired = comparisons(low, per_image_results(uri, low)).set_index("method")
     print(f"| method | test Dice @ {args.fraction:g} (mean ± std, n) | per seed | gap closed | "
-          "pseudo-label Dice / coverage (last epoch) |")
-    print("|---|---|---|---|---|")
+          "Δ vs supervised [95 % CI] | verdict | pseudo-label Dice / coverage (last epoch) |")
+    print("|---|---|---|---|---|---|---|")
     for method, group in low.groupby("method"):
         d = group.sort_values("seed")["dice"]
         gap = (d.mean() - sup) / (full.mean() - sup)
         pq = last.get(method)
         pq_text = f"{pq[0]:.3f} / {pq[1]:.2f}" if pq else "-"
         print(f"| {method} | {d.mean():.3f} ± {d.std():.3f} ({len(d)}) | "
-              f"{', '.join(f'{v:.3f}' for v in d)} | {gap:+.0%} | {pq_text} |")
+              f"{', '.join(f'{v:.3f}' for v in d)} | {gap:+.0%} | {_paired_cells(paired, method)} | "
+              f"{pq_text} |")
     print(f"| supervised, all labels | {full.mean():.3f} ± {full.std():.3f} ({len(full)}) | "
-          f"{', '.join(f'{v:.3f}' for v in full)} | 100% | - |")
+          f"{', '.join(f'{v:.3f}' for v in full)} | 100% | - | - | - |")
+    if len(paired):
+        print(f"\nCI resampled over: {'; '.join(sorted(set(paired['resampled'])))}")
+
+
+def _paired_cells(paired: pd.DataFrame, method: str) -> str:
+    """'+0.012 [-0.004, +0.029] | within noise', or '- | -' for the baseline itself."""
+    if method not in paired.index:
+        return "- | -"
+    row = paired.loc[method]
+    if pd.isna(row.mean_diff):
+        return f"- | {row.verdict}"
+    ci = f" [{row.ci_low:+.3f}, {row.ci_high:+.3f}]" if pd.notna(row.ci_low) else ""
+    return f"{row.mean_diff:+.3f}{ci} | {row.verdict}"
     _sam_table(uri, args.experiment, args.fraction)
 
 

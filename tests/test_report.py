@@ -14,9 +14,11 @@ from semiseg import report
 from semiseg.dashboard import render_page, write_dashboard
 
 
-def _trial(method: str, fraction: float, seed: int, dice: float, params: str = "{}") -> dict:
+def _trial(method: str, fraction: float, seed: int, dice: float, params: str = "{}",
+           val: float | None = None) -> dict:
     return {"run_id": f"{method}-{fraction}-{seed}-{params}", "method": method,
             "label_fraction": fraction, "seed": seed, "params": params, "dice": dice,
+            "best_val_dice": dice if val is None else val,
             "test/dice_mean": dice, "test/hd95_mean": 10 * (1 - dice),
             "test/dice/lung": dice + 0.05, "test/dice/heart": dice - 0.05,
             "test/hd95/lung": 4.0 + seed, "test/hd95/heart": np.nan if seed else 8.0}
@@ -58,8 +60,45 @@ def test_best_config_is_highest_mean_over_seeds(trials: pd.DataFrame) -> None:
     assert len(best) == 3  # one per method x label fraction
     row = best[best["method"] == "pseudo_label"].iloc[0]
     assert json.loads(row["params"]) == {"threshold": 0.9}
-    assert row["dice_mean"] == pytest.approx(0.71)
+    assert row["dice_mean"] == pytest.approx(0.71) and row["val_mean"] == pytest.approx(0.71)
     assert row["seeds"] == 2 and row["configs"] == 2
+
+
+def test_best_config_is_chosen_on_val_not_on_test(trials: pd.DataFrame) -> None:
+    """Threshold 0.95 now has the better val Dice but the worse test Dice: it is chosen, and
+    reported with its own test Dice, in the table and on the page."""
+    val = np.where(trials["params"].str.contains("0.95"), 0.9, trials["dice"])
+    trials = trials.assign(best_val_dice=val)
+    row = report.best_configs(trials).query("method == 'pseudo_label'").iloc[0]
+    assert json.loads(row["params"]) == {"threshold": 0.95}
+    assert row["val_mean"] == pytest.approx(0.9) and row["dice_mean"] == pytest.approx(0.67)
+    table = report.dice_table(paired_select(trials))
+    assert table.loc["pseudo_label", "0.1"] == "0.670 ± 0.014 (n=2)"  # not the mix of both
+    best_rows = _rows(render_page(trials, "exp"), "best-configs")
+    assert any('{"threshold": 0.95}' in r and "0.900" in r for r in best_rows)
+
+
+def paired_select(trials: pd.DataFrame) -> pd.DataFrame:
+    from semiseg.paired import select_on_val
+
+    return select_on_val(trials)
+
+
+def test_text_report_has_ci_and_verdict(trials: pd.DataFrame) -> None:
+    """pseudo_label (threshold 0.9) beats supervised by +0.10 on both seeds, every test image
+    by the same amount: a zero-width CI at +0.10 and the verdict better."""
+    chosen = paired_select(trials)
+    per_image = pd.DataFrame([{"run_id": r, "id": f"i{i}", "dice_mean": d + 0.01 * i}
+                              for r, d in zip(chosen["run_id"], chosen["dice"]) for i in range(3)])
+    text = report.text_report(trials, per_image)
+    assert "0.710 ± 0.014 (n=2)" in text and "0.690" not in text  # the val-selected config only
+    paired_part = text.split("paired against supervised-only")[1]
+    line = next(l for l in paired_part.splitlines() if l.lstrip().startswith("pseudo_label"))
+    assert "s0: +0.100, s1: +0.100" in line and "[+0.100, +0.100]" in line
+    assert line.rstrip().endswith("better") and "2 seeds × 3 test images" in line
+    page = render_page(trials, "exp", per_image=per_image)
+    (row,) = _rows(page, "paired")
+    assert '<td class="better">better</td>' in row and "[+0.100, +0.100]" in row
 
 
 def test_method_params_whole_or_flattened() -> None:

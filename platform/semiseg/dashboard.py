@@ -1,7 +1,9 @@
 """An experiment's dashboard: one self-contained folder (index.html + PNGs, no CSS/JS from
 anywhere else) built from its MLflow runs, and logged to the sweep's parent run under
 `dashboard/` so it is one click away in the MLflow UI. Tables and figures come from report.py;
-this module only assembles the page and moves it.
+this module only assembles the page and moves it. Every table and figure shows, per method and
+label fraction, the method.params selected on val (report.best_configs says which); the paired
+comparisons with supervised-only carry a bootstrap CI and a verdict.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from semiseg import report, tracking
+from semiseg import paired, report, tracking
 from semiseg.errors import ConfigError
 
 CURVES, PSEUDO, INDEX = "label_efficiency.png", "pseudo_quality.png", "index.html"
@@ -27,7 +29,9 @@ table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { border: 1px solid #d1d9e0; padding: 4px 8px; text-align: right; }
 th { background: #f6f8fa; } tbody tr:nth-child(even) { background: #fafbfc; }
 td:first-child, th:first-child { text-align: left; }
-#best-configs td:nth-child(3) { text-align: left; font-family: ui-monospace, monospace; }
+#best-configs td:nth-child(3), #paired td:nth-child(3) { text-align: left;
+  font-family: ui-monospace, monospace; }
+td.better { color: #1a7f37; font-weight: 600; } td.worse { color: #cf222e; font-weight: 600; }
 img { max-width: 100%; border: 1px solid #d1d9e0; }
 """
 
@@ -47,6 +51,7 @@ class Dashboard:
     index: Path             # the index.html written
     trials: pd.DataFrame    # the finished trials it shows (report.finished_trials)
     logged_to: str | None   # the parent run id whose artifacts/dashboard hold a copy
+    per_image: pd.DataFrame  # their per-test-image metrics (empty: CIs over seeds only)
 
 
 def build_dashboard(uri: str, experiment: str, out_dir: Path, parent_run_id: str | None = None,
@@ -59,25 +64,28 @@ def build_dashboard(uri: str, experiment: str, out_dir: Path, parent_run_id: str
         raise ConfigError(f"{scope} {experiment!r} at {uri} has no FINISHED trials with test "
                           "metrics yet: run `semiseg sweep CONFIG` first, or check --parent/--uri")
     history = report.pseudo_histories(uri, trials)
+    per_image = report.per_image_results(uri, trials)
     if parent_run_id is None:
         parents = tracking.parent_runs(uri, experiment)
         parent_run_id = parents["run_id"].iloc[0] if len(parents) else None
     source = f"{uri}" + (f", sweep run {parent_run_id}" if parent_run_id else "")
-    index = write_dashboard(trials, history, Path(out_dir), experiment, source)
+    index = write_dashboard(trials, history, Path(out_dir), experiment, source, per_image)
     if log and parent_run_id:
         tracking.RunLogger(uri, parent_run_id).log_files(index.parent, "dashboard")
-    return Dashboard(index, trials, parent_run_id if log else None)
+    return Dashboard(index, trials, parent_run_id if log else None, per_image)
 
 
 def write_dashboard(trials: pd.DataFrame, history: pd.DataFrame, out_dir: Path, title: str,
-                    source: str = "") -> Path:
+                    source: str = "", per_image: pd.DataFrame | None = None) -> Path:
     """The page and its figures into out_dir (no MLflow); returns the index.html path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (CURVES, PSEUDO, INDEX):  # a stale figure from an earlier report must not linger
         (out_dir / name).unlink(missing_ok=True)
-    report.plot_label_efficiency(trials, out_dir / CURVES)
-    pseudo = report.plot_pseudo_quality(history, trials, out_dir / PSEUDO)
-    page = render_page(trials, title, source, pseudo_image=PSEUDO if pseudo else None)
+    chosen = paired.select_on_val(trials)
+    report.plot_label_efficiency(chosen, out_dir / CURVES)
+    pseudo = report.plot_pseudo_quality(history, chosen, out_dir / PSEUDO)
+    page = render_page(trials, title, source, pseudo_image=PSEUDO if pseudo else None,
+                       per_image=per_image)
     (out_dir / INDEX).write_text(page, encoding="utf-8")
     return out_dir / INDEX
 
@@ -92,6 +100,7 @@ def _best_table(trials: pd.DataFrame) -> str:
         "method": best["method"],
         "label fraction": best["label_fraction"].map(report.percent),
         "method.params": best["params"].map(lambda p: "defaults" if p in ("{}", "") else p),
+        "val Dice (selects)": best["val_mean"].map(lambda v: f"{v:.3f}" if pd.notna(v) else "-"),
         "test Dice": [f"{m:.3f}" + (f" ± {s:.3f}" if n > 1 else "")
                       for m, s, n in zip(best["dice_mean"], best["dice_std"], best["seeds"])],
         "seeds": best["seeds"], "configs compared": best["configs"],
@@ -99,16 +108,28 @@ def _best_table(trials: pd.DataFrame) -> str:
     return _table(frame, "best-configs")
 
 
+def _paired_table(trials: pd.DataFrame, per_image: pd.DataFrame | None) -> str:
+    table = report.paired_table(report.comparisons(trials, per_image))
+    if table.empty:
+        return '<p class="note">No method to compare: supervised-only and another method are ' \
+               "needed at the same label fraction.</p>"
+    page = _table(table, "paired")
+    for verdict in ("better", "worse"):  # colour the verdict cells
+        page = page.replace(f"<td>{verdict}</td>", f'<td class="{verdict}">{verdict}</td>')
+    return page
+
+
 def render_page(trials: pd.DataFrame, title: str, source: str = "",
-                pseudo_image: str | None = None) -> str:
+                pseudo_image: str | None = None, per_image: pd.DataFrame | None = None) -> str:
     """The whole HTML page; images are relative links to PNGs next to it."""
+    everything, trials = trials, paired.select_on_val(trials)
     dice = report.dice_table(trials).rename(columns=lambda c: f"{report.percent(float(c))} labels")
     full = report.full_supervision(trials)
     gap = (f"Dashed line: supervised with every label ({full:.3f}), the level the "
            "semi-supervised methods try to reach with fewer labels." if full is not None
            else "No supervised run at label fraction 1.0, so no full-supervision line.")
     seeds = sorted(trials["seed"].unique())
-    meta = (f"{len(trials)} finished trials · methods: {', '.join(sorted(trials['method'].unique()))}"
+    meta = (f"{len(everything)} finished trials · methods: {', '.join(sorted(trials['method'].unique()))}"
             f" · label fractions: {', '.join(map(report.percent, sorted(trials['label_fraction'].unique())))}"
             f" · seeds: {', '.join(map(str, seeds))} · generated {time.strftime('%Y-%m-%d %H:%M')}")
     pseudo = (f'<img src="{pseudo_image}" alt="pseudo-label quality over epochs">' if pseudo_image
@@ -121,13 +142,21 @@ def render_page(trials: pd.DataFrame, title: str, source: str = "",
         f"<h1>semiseg · {html.escape(title)}</h1>",
         f'<p class="meta">{html.escape(meta)}<br>source: {html.escape(source)}</p>',
         "<h2>Test Dice by label fraction</h2>",
-        '<p class="note">Mean over foreground classes; mean ± std over seeds (n = seeds).</p>',
+        '<p class="note">Mean over foreground classes; mean ± std over seeds (n = seeds) of the '
+        "method.params selected on val.</p>",
         _table(dice.reset_index(), "dice-table"),
         "<h2>Label-efficiency curves</h2>", f'<p class="note">{html.escape(gap)}</p>',
         f'<img src="{CURVES}" alt="test Dice vs label fraction">',
-        "<h2>Best config per method and label fraction</h2>",
-        '<p class="note">The method.params with the highest test Dice averaged over seeds.</p>',
-        _best_table(trials),
+        "<h2>Paired comparison with supervised-only</h2>",
+        '<p class="note">Δ = method − supervised test Dice on the same split and seed; mean Δ '
+        "over seeds, and a bootstrap 95 % CI that resamples seeds, then the test images of each "
+        "(the same images for both). Verdict: better or worse when the CI excludes 0, else "
+        "within noise.</p>",
+        _paired_table(everything, per_image),
+        "<h2>Config selected on val per method and label fraction</h2>",
+        '<p class="note">The method.params with the highest val Dice averaged over seeds '
+        "(never chosen on test); every other table and figure shows this config.</p>",
+        _best_table(everything),
         "<h2>Per-class test Dice and HD95</h2>",
         '<p class="note">HD95 in pixels (lower is better); mean ± std over seeds.</p>',
         _table(report.per_class_table(trials), "per-class"),

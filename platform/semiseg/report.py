@@ -1,9 +1,12 @@
 """Runs -> tables and figures: test Dice by method x label fraction (mean ± std over seeds),
-per-class Dice/HD95, the best config per method, label-efficiency and pseudo-label curves.
+per-class Dice/HD95, the config per method selected on val, paired comparisons with
+supervised-only (bootstrap CI and verdict, semiseg.paired), label-efficiency and pseudo-label
+curves.
 
-Only finished_trials and pseudo_histories read MLflow (through semiseg.tracking); everything
-else works on plain DataFrames, so it is tested without a store. Figures use matplotlib's
-Figure directly (no pyplot, no display), so they render headless and in threads.
+Only finished_trials, per_image_results and pseudo_histories read MLflow (through
+semiseg.tracking); everything else works on plain DataFrames, so it is tested without a store.
+Figures use matplotlib's Figure directly (no pyplot, no display), so they render headless and
+in threads.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from semiseg import tracking
+from semiseg import paired, tracking
 
 DICE = "metrics.test/dice_mean"
 BASE = ["run_id", "method", "label_fraction", "seed", "params", "dice"]
@@ -129,14 +132,66 @@ def per_class_table(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_configs(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per method x label fraction, the method.params with the highest test Dice averaged over
-    seeds: method, label_fraction, params, dice_mean, dice_std, seeds, configs (how many tried)."""
-    stats = (trials.groupby(["method", "label_fraction", "params"])["dice"]
-             .agg(dice_mean="mean", dice_std="std", seeds="count").reset_index())
+    """Per method x label fraction, the method.params with the highest val Dice averaged over
+    seeds (paired.select_on_val: chosen on val, never on test), and its test Dice: method,
+    label_fraction, params, val_mean (the selection key), dice_mean, dice_std, seeds,
+    configs (how many were tried)."""
+    stats = (trials.assign(_val=paired.val_scores(trials))
+             .groupby(["method", "label_fraction", "params"])
+             .agg(val_mean=("_val", "mean"), dice_mean=("dice", "mean"), dice_std=("dice", "std"),
+                  seeds=("dice", "count")).reset_index())
     tried = stats.groupby(["method", "label_fraction"])["params"].transform("size")
-    stats = stats.assign(configs=tried)
-    best = stats.loc[stats.groupby(["method", "label_fraction"])["dice_mean"].idxmax()]
+    chosen = paired.select_on_val(trials)[["method", "label_fraction", "params"]].drop_duplicates()
+    best = stats.assign(configs=tried).merge(chosen, on=["method", "label_fraction", "params"])
     return best.sort_values(["method", "label_fraction"]).reset_index(drop=True)
+
+
+def per_image_results(uri: str, trials: pd.DataFrame) -> pd.DataFrame:
+    """Per-test-image metrics (run_id, id, dice_mean, ...) of the trials that logged them; an
+    empty frame when none did, and the paired CIs then resample seeds only."""
+    if trials.empty:
+        return pd.DataFrame(columns=["run_id", "id"])
+    return tracking.per_image_metrics(uri, trials["run_id"].tolist())
+
+
+def comparisons(trials: pd.DataFrame, per_image: pd.DataFrame | None = None) -> pd.DataFrame:
+    """paired.paired_comparisons: each method against supervised-only, same fraction/seeds."""
+    return paired.paired_comparisons(trials, per_image)
+
+
+def paired_table(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons as display strings: per-seed differences, mean, 95 % CI, verdict."""
+    def signed(value: float) -> str:
+        return f"{value:+.3f}" if np.isfinite(value) else "-"
+
+    return pd.DataFrame({
+        "method": comparison["method"],
+        "label fraction": comparison["label_fraction"].map(percent),
+        "method.params": comparison["params"].map(lambda p: "defaults" if p in ("{}", "") else p),
+        "Δ test Dice per seed": comparison["per_seed"].map(
+            lambda d: ", ".join(f"s{s}: {signed(v)}" for s, v in d.items()) or "-"),
+        "mean Δ": comparison["mean_diff"].map(signed),
+        "95% CI": [f"[{signed(lo)}, {signed(hi)}]" if np.isfinite(lo) else "-"
+                   for lo, hi in zip(comparison["ci_low"], comparison["ci_high"])],
+        "resampled": comparison["resampled"],
+        "verdict": comparison["verdict"],
+    })
+
+
+def format_paired(comparison: pd.DataFrame) -> str:
+    if comparison.empty:
+        return "no method to compare with supervised-only at the same label fraction"
+    header = ("paired against supervised-only at the same label fraction and seeds (Δ = method "
+              "- supervised test Dice; bootstrap 95 % CI over seeds x test images)\n")
+    return header + paired_table(comparison).to_string(index=False)
+
+
+def text_report(trials: pd.DataFrame, per_image: pd.DataFrame | None = None) -> str:
+    """What `semiseg report` prints: the test Dice table of the val-selected configs, then the
+    paired comparisons with their CI and verdict."""
+    chosen = paired.select_on_val(trials)
+    return (format_table(dice_table(chosen)) + "\n(each cell: the method.params selected on val)\n\n"
+            + format_paired(comparisons(trials, per_image)))
 
 
 def _colors(methods: Iterable[str]) -> dict[str, tuple]:
