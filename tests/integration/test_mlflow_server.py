@@ -1,6 +1,6 @@
 """A sweep against a real shared `mlflow server` on 127.0.0.1 (SQLite backend, local artifact
-destination, one worker), checked through the server's REST API; and a clear, fast error when
-the server is down."""
+destination, one worker), checked through the server's REST API, down to what the UI's runs
+table shows (Dataset, Source, Model); and a clear, fast error when the server is down."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
+import mlflow.pytorch
 import pytest
+import torch
 
 from semiseg.distributed.tune import run_sweep
 from semiseg.tracking import TrackingUnavailable
@@ -66,15 +69,20 @@ def _rest(url: str, path: str, body: dict) -> dict:
         return json.load(resp)
 
 
+def _get(url: str, path: str) -> dict:
+    return json.load(urllib.request.urlopen(url + path, timeout=10))
+
+
 def test_sweep_logs_to_remote_tracking_server(ray_local, mlflow_server: str, tiny_config,
                                               monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = tiny_config("sweep.label_fractions=[0.5]", "tracking.uri=")
+    cfg = tiny_config("sweep.label_fractions=[0.5]", "tracking.uri=", "tracking.system_metrics=true")
     outcome = run_sweep(cfg, "remote")
     assert outcome.uri == mlflow_server
-    exp = json.load(urllib.request.urlopen(
-        f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=quickstart", timeout=10))
+    exp = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=quickstart")
     exp_id = exp["experiment"]["experiment_id"]
+    exp_tags = {t["key"]: t["value"] for t in exp["experiment"]["tags"]}
+    assert exp_tags["mlflow.experimentKind"] == "custom_model_development"  # UI opens on runs
     runs = _rest(mlflow_server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
     by_role = {next(t["value"] for t in r["data"]["tags"] if t["key"] == "semiseg.role"): r for r in runs}
     assert set(by_role) == {"sweep", "trial"}
@@ -82,9 +90,38 @@ def test_sweep_logs_to_remote_tracking_server(ray_local, mlflow_server: str, tin
     assert trial["info"]["status"] == "FINISHED"
     metrics = {m["key"] for m in trial["data"]["metrics"]}
     assert {"test/dice_mean", "val/dice_mean", "test/dice/heart"} <= metrics
-    arts = json.load(urllib.request.urlopen(
-        f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={trial['info']['run_id']}", timeout=10))
+    assert "system/cpu_utilization_percentage" in metrics  # tracking.system_metrics
+    arts = _get(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={trial['info']['run_id']}")
     assert "split_manifest.json" in {f["path"] for f in arts["files"]}
+    _check_ui_columns(mlflow_server, by_role)
+
+
+def _check_ui_columns(url: str, by_role: dict) -> None:
+    """The runs table's Dataset, Source and Model columns, as the UI reads them over REST."""
+    trial, sweep = by_role["trial"], by_role["sweep"]
+    tags = {t["key"]: t["value"] for t in trial["data"]["tags"]}
+    # Source (and Version): the code that ran, the same on the sweep and its trial.
+    sweep_tags = {t["key"]: t["value"] for t in sweep["data"]["tags"]}
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+    assert tags["semiseg.version"] and sweep_tags["semiseg.heartbeat"]
+    for key in ("mlflow.source.name", "mlflow.source.git.commit", "semiseg.version"):
+        assert tags.get(key) == sweep_tags.get(key)
+    # Dataset: train / val / test inputs with a digest and a source.
+    inputs = trial["inputs"]["dataset_inputs"]
+    contexts = {i["tags"][0]["value"]: i["dataset"] for i in inputs
+                if i["tags"][0]["key"] == "mlflow.data.context"}
+    assert set(contexts) == {"train", "val", "test"}
+    assert all(d["name"] == "synthetic" and d["digest"] and d["source"] for d in contexts.values())
+    # Model: the selected model as a READY LoggedModel of the run, loadable through the server.
+    (output,) = trial["outputs"]["model_outputs"]
+    model = _get(url, f"/api/2.0/mlflow/logged-models/{output['model_id']}")["model"]
+    assert model["info"]["source_run_id"] == trial["info"]["run_id"]
+    assert model["info"]["status"] == "LOGGED_MODEL_READY"
+    loaded = mlflow.pytorch.load_model(f"models:/{output['model_id']}")
+    with torch.no_grad():
+        assert loaded(torch.rand(3, 1, 32, 32)).shape == (3, 4, 32, 32)
+    version = mlflow.register_model(f"models:/{output['model_id']}", "quickstart-unet")
+    assert str(version.version) == "1" and version.run_id == trial["info"]["run_id"]
 
 
 def test_unreachable_server_fails_fast_naming_the_uri(tiny_config) -> None:

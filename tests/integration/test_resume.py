@@ -1,5 +1,6 @@
 """Resumable sweeps: after the driver is killed partway, a rerun trains only the trials not yet
-FINISHED with the same config hash (a completed sweep rerun is in test_sweep.py)."""
+FINISHED with the same config hash (a completed sweep rerun is in test_sweep.py), and ends as
+KILLED the runs the dead driver left RUNNING (its heartbeat stopped)."""
 
 from __future__ import annotations
 
@@ -38,19 +39,33 @@ def _sweep_cmd(tiny_overrides: list[str], uri: str, tmp: Path) -> list[str]:
             "ray.address=local", "ray.max_concurrent_trials=1", "sweep.label_fractions=[0.2,1.0]"]
 
 
+def _running_trial(uri: str) -> bool:
+    return any(r.info.status == "RUNNING" and r.data.tags.get(tracking.ROLE_TAG) == "trial"
+               for r in _runs(uri, "quickstart"))
+
+
+def _runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
 def test_killed_driver_rerun_completes_only_missing_trials(tmp_path: Path, tiny_overrides, sqlite_uri) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths are capped
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    # A beat a second; stale after 5 s without one (defaults: 30 s and 10 min).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp,
+           "SEMISEG_HEARTBEAT_S": "1", "SEMISEG_STALE_AFTER_S": "5"}
     env.pop("RAY_ADDRESS", None)
     cmd = _sweep_cmd(tiny_overrides, sqlite_uri, tmp_path)
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+    log = tmp_path / "driver.out"
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("w"),
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while sum(_finished_by_hash(sqlite_uri, "quickstart").values()) < 1:
+        # Killed once the first trial FINISHED and the second one's run is RUNNING.
+        while sum(_finished_by_hash(sqlite_uri, "quickstart").values()) < 1 or not _running_trial(sqlite_uri):
             assert driver.poll() is None, "the sweep ended before it could be killed"
             assert time.time() < deadline, "no trial finished in 300 s"
-            time.sleep(1)
+            time.sleep(0.5)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -58,6 +73,14 @@ def test_killed_driver_rerun_completes_only_missing_trials(tmp_path: Path, tiny_
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     done_before = _finished_by_hash(sqlite_uri, "quickstart")
     assert sum(done_before.values()) == 1  # killed while the second trial ran
+    printed = log.read_text()
+    assert "started supervised" in printed  # quiet by default: the live trial lines, and not
+    assert "Configuration for experiment" not in printed  # Tune's box
+    left = {r.info.run_id: r for r in _runs(sqlite_uri, "quickstart") if r.info.status == "RUNNING"}
+    roles = sorted(r.data.tags[tracking.ROLE_TAG] for r in left.values())
+    assert roles == ["sweep", "trial"]  # the dead driver's sweep and the trial it was running
+    assert all(r.data.tags.get("mlflow.source.name") == "semiseg sweep" for r in left.values())
+    time.sleep(6)  # its heartbeat is now older than SEMISEG_STALE_AFTER_S
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
@@ -66,3 +89,13 @@ def test_killed_driver_rerun_completes_only_missing_trials(tmp_path: Path, tiny_
     done_after = _finished_by_hash(sqlite_uri, "quickstart")
     assert len(done_after) == 2 and set(done_after.values()) == {1}  # each trial exactly once
     assert "(n=1)" in rerun.stdout  # the summary covers both, the skipped one included
+    # The rerun ended what the dead driver left RUNNING, as KILLED, saying why; nothing is left.
+    assert rerun.stdout.count("ended stale") == 2, rerun.stdout[-3000:]
+    runs = {r.info.run_id: r for r in _runs(sqlite_uri, "quickstart")}
+    assert [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"] == []
+    for run_id in left:
+        run = runs[run_id]
+        assert run.info.status == "KILLED"
+        assert run.data.tags[tracking.CLOSED_BY_TAG] == "semiseg sweep"
+    reasons = sorted(runs[r].data.tags[tracking.END_REASON_TAG] for r in left)
+    assert "no heartbeat" in " ".join(reasons) and "is no longer running" in " ".join(reasons)

@@ -19,11 +19,15 @@ class MlflowCallback:
     overlays of a trial.
 
     skip_epochs: epochs the run already has (or spools), so a worker restarted from a
-    checkpoint older than its last logged epoch logs each epoch once."""
+    checkpoint older than its last logged epoch logs each epoch once.
+    system_metrics: also run MLflow's system-metrics monitor (`system/...` metrics of this
+    worker's machine) from now until the fit ends (tracking.system_metrics)."""
 
-    def __init__(self, logger: RunLogger, skip_epochs: set[int] | None = None) -> None:
+    def __init__(self, logger: RunLogger, skip_epochs: set[int] | None = None,
+                 system_metrics: bool = False) -> None:
         self.logger = logger
         self.skip_epochs = skip_epochs or set()
+        self.monitor = logger.start_system_metrics() if system_metrics else None
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         if epoch not in self.skip_epochs:
@@ -41,6 +45,8 @@ class MlflowCallback:
         with tempfile.TemporaryDirectory() as tmp:
             if write_overlays(result.examples, Path(tmp)):
                 self.logger.log_files(Path(tmp), "overlays")
+        if self.monitor is not None:
+            self.monitor.finish()  # and logs a last sample
         self.logger.close()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from semiseg.tracking.errors import TrackingWarning, is_transient
+from semiseg.tracking.inputs import dataset_records, to_dataset_inputs
 from semiseg.tracking.spool import SPOOL_GLOB, Spool, describe, spool_root
 
 SPOOL_WAIT_S = float(os.environ.get("SEMISEG_SPOOL_WAIT_S", "60"))  # end-of-run retries
@@ -48,6 +50,12 @@ def _send(client: MlflowClient, run_id: str, op: str, data: Any) -> None:
         client.log_dict(run_id, data["obj"], data["file"])
     elif op == "files":
         client.log_artifacts(run_id, data["dir"], data["path"])
+    elif op == "inputs":
+        client.log_inputs(run_id, datasets=to_dataset_inputs(data))
+    elif op == "model":
+        from semiseg.tracking.model import upload_model  # torch and mlflow.pytorch: only here
+
+        upload_model(client, run_id, Path(data["dir"]), data["name"])
     elif op == "end":
         client.set_terminated(run_id, data["status"])
     else:
@@ -156,6 +164,36 @@ class RunLogger:
 
     def log_files(self, directory: Path, artifact_path: str) -> None:
         self._do("files", {"dir": str(directory), "path": artifact_path})
+
+    def log_dataset(self, name: str, source: str, data_config: dict[str, Any],
+                    manifest: list[dict[str, Any]]) -> None:
+        """The run's dataset inputs, train / val / test (see semiseg.tracking.inputs): what
+        `mlflow.log_input` logs, addressed by run id and spooled like the rest."""
+        self._do("inputs", dataset_records(name, source, data_config, manifest))
+
+    def log_pytorch_model(self, model: Any, example: Any, name: str = "") -> None:
+        """The model as the run's MLflow PyTorch model (semiseg.tracking.model), named `name`
+        (default: the run's name, see upload_model). `example`: float32 images (N, C, H, W).
+        A model that cannot be exported is named in a TrackingWarning: the trial has trained,
+        and its checkpoint.pt is logged all the same."""
+        from semiseg.tracking.model import save_pytorch_model
+
+        with tempfile.TemporaryDirectory(prefix="semiseg-model-") as tmp:
+            try:
+                folder = save_pytorch_model(model, example, Path(tmp) / "model")
+            except Exception as exc:  # torch.export refuses some models (data-dependent flow)
+                warnings.warn(f"run {self.run_id}: {type(model).__name__} was not logged as an "
+                              f"MLflow model: {type(exc).__name__}: {str(exc)[:300]}",
+                              TrackingWarning, stacklevel=2)
+                return
+            self._do("model", {"dir": str(folder), "name": name})  # a spool keeps its own copy
+
+    def start_system_metrics(self, interval_s: float = 10.0) -> Any:
+        """MLflow's system-metrics monitor for this run on this machine (semiseg.tracking.model.
+        SystemMetrics); .finish() stops it."""
+        from semiseg.tracking.model import SystemMetrics
+
+        return SystemMetrics(self.uri, self.run_id, interval_s)
 
     def end(self, status: str = "FINISHED", wait_s: float = SPOOL_WAIT_S) -> list[str]:
         """status is FINISHED, FAILED or KILLED: a run never stays RUNNING after its work.

@@ -1,5 +1,6 @@
 """Reading runs back, for the report, the dashboard and `semiseg pseudolabel`: runs as
-DataFrames, metric histories, per-image test metrics, a trial's checkpoint. Nothing here writes."""
+DataFrames, metric histories, per-image test metrics, a trial's checkpoint, and the address of
+an experiment's runs table in the MLflow UI. Nothing here writes."""
 
 from __future__ import annotations
 
@@ -96,3 +97,24 @@ def download_checkpoint(uri: str, run_id: str) -> Path:
     if not checkpoint.is_file():
         raise SemisegError(f"MLflow run {run_id} logged model/ without a checkpoint.pt")
     return checkpoint
+
+
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def runs_page(uri: str, experiment: str, flat: bool = False) -> str:
+    """The MLflow UI page of the experiment's runs table: on the tracking server itself for an
+    http URI, else on `mlflow ui --backend-store-uri URI` at its default address.
+
+    `workflowType=machine_learning` is what opens it on the runs: MLflow 3.17's UI shows an
+    experiment by the browser's GenAI / Model training switch (GenAI on a first visit) and not
+    by the experiment's kind tag, which ensure_experiment sets all the same. flat: one row per
+    run, sorted by name (MLflow nests trials under their sweep unless the table is sorted by
+    something else than the start time)."""
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(client, uri, experiment)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    query = "workflowType=machine_learning"
+    if flat:
+        query += "&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"  # the Run Name column
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"

@@ -15,11 +15,20 @@ from mlflow.tracking import MlflowClient
 
 from semiseg.errors import ConfigError
 from semiseg.tracking.errors import TrackingUnavailable, TrackingWarning, is_transient
+from semiseg.tracking.source import SOURCE_TAGS, source_tags
 
 CONFIG_HASH_TAG = "semiseg.config_hash"
 ROLE_TAG = "semiseg.role"  # "sweep" for a parent run, "trial" for a child run
 PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests child runs under a parent
 PER_IMAGE_ARTIFACT = "test_per_image.json"  # a trial's per-test-image metrics, for bootstrap CIs
+CLOSED_BY_TAG = "semiseg.closed_by"  # who ended a run that could not end itself
+END_REASON_TAG = "semiseg.end_reason"  # and why
+# MLflow 3's experiment kind: model training, not GenAI. The key and value are those the UI's
+# experiment-kind selector writes (mlflow/server/js, ExperimentKind). MLflow 3.17's UI itself
+# opens an experiment by the browser's GenAI / Model training switch instead (GenAI on a first
+# visit), so the links semiseg prints carry workflowType=machine_learning (queries.runs_page).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 def resolve_uri(configured: str = "") -> str:
@@ -66,22 +75,34 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it (in the driver) with an absolute artifact location."""
+    """The experiment's id, creating it (in the driver) with an absolute artifact location and
+    the model-training kind; an experiment without a kind (an older semiseg made it) gets it,
+    one whose kind a user chose keeps theirs."""
     check_reachable(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(uri))
+    if exp is None:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
 
 
 def start_run(uri: str, experiment_id: str, name: str, role: str, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None) -> str:
-    """A new RUNNING run tagged with its role (and its parent sweep); returns its id."""
-    all_tags = {ROLE_TAG: role, **(tags or {})}
+    """A new RUNNING run tagged with its role, its source (the code that made it; a child copies
+    its parent's) and its parent sweep; returns its id."""
+    client = MlflowClient(uri)
+    if parent_run_id:
+        parent_tags = client.get_run(parent_run_id).data.tags
+        source = {k: parent_tags[k] for k in SOURCE_TAGS if k in parent_tags} or source_tags()
+    else:
+        source = source_tags()
+    all_tags = {**source, ROLE_TAG: role, **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
-    return MlflowClient(uri).create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+    return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
 
 
 def finished_hashes(uri: str, experiment_id: str) -> set[str]:
@@ -104,6 +125,8 @@ def close_open_children(uri: str, experiment_id: str, parent_run_id: str, status
                       "still RUNNING were not closed", TrackingWarning, stacklevel=2)
         return 0
     for run in runs:
-        client.set_tag(run.info.run_id, "semiseg.closed_by", "sweep driver")
+        client.set_tag(run.info.run_id, CLOSED_BY_TAG, "sweep driver")
+        client.set_tag(run.info.run_id, END_REASON_TAG, "the sweep ended while this trial was "
+                       "RUNNING (stopped by its scheduler, or its actor died)")
         client.set_terminated(run.info.run_id, status)
     return len(runs)

@@ -32,8 +32,10 @@ def describe(record: dict[str, Any]) -> str:
         return f"metrics step {data['step']}: {', '.join(sorted(data['values']))}"
     if op in ("params", "tags"):
         return f"{len(data)} {op}"
+    if op == "inputs":
+        return f"dataset inputs {', '.join(r['context'] for r in data)}"
     return {"dict": f"artifact {data.get('file')}", "files": f"artifacts {data.get('path')}/",
-            "end": f"run status {data.get('status')}"}[op]
+            "model": f"model {data.get('name')}", "end": f"run status {data.get('status')}"}[op]
 
 
 class Spool:
@@ -49,7 +51,7 @@ class Spool:
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if record["op"] == "files":  # the source is usually a temp dir about to vanish
+        if record["op"] in ("files", "model"):  # the source is usually a temp dir about to vanish
             copy = self.path.with_suffix(".files") / uuid.uuid4().hex
             shutil.copytree(record["data"]["dir"], copy)
             record = {**record, "data": {**record["data"], "dir": str(copy)}}
