@@ -1,7 +1,8 @@
 """Markdown for docs/RESULTS.md from an experiment's MLflow runs: test Dice at one label
 fraction (mean ± std over seeds), the share of the supervised → full-supervision gap each method
 closes, the paired difference with supervised-only (bootstrap 95 % CI over seeds × test images
-and a verdict, semiseg.paired) and the last-epoch pseudo-label Dice/coverage. Each method is
+and a verdict, semiseg.paired), the final-epoch model's test Dice beside the val-selected one, and
+the last-epoch pseudo-label Dice/coverage. Each method is
 shown at its method.params selected on val.
 
     python bench/results_table.py results_synthetic --uri sqlite:////abs/mlruns/mlflow.db
@@ -17,6 +18,8 @@ from semiseg import tracking
 from semiseg.paired import select_on_val
 from semiseg.report import comparisons, finished_trials, per_image_results
 
+FINAL_DICE = "test_final/dice_mean"  # engine.fit scores the last epoch's model under test_final/
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,14 +29,16 @@ def main() -> None:
     args = p.parse_args()
     uri = tracking.resolve_uri(args.uri)
     trials = select_on_val(finished_trials(uri, args.experiment))
-    full = trials[(trials.method == "supervised") & (trials.label_fraction == 1.0)]["dice"]
+    full_rows = trials[(trials.method == "supervised") & (trials.label_fraction == 1.0)]
+    full = full_rows["dice"]
     low = trials[trials.label_fraction == args.fraction]
     sup = low[low.method == "supervised"]["dice"].mean()
     last = _last_pseudo(uri, args.experiment, args.fraction)
     paired = comparisons(low, per_image_results(uri, low)).set_index("method")
     print(f"| method | test Dice @ {args.fraction:g} (mean ± std, n) | per seed | gap closed | "
-          "Δ vs supervised [95 % CI] | verdict | pseudo-label Dice / coverage (last epoch) |")
-    print("|---|---|---|---|---|---|---|")
+          "Δ vs supervised [95 % CI] | verdict | final-epoch test Dice | "
+          "pseudo-label Dice / coverage (last epoch) |")
+    print("|---|---|---|---|---|---|---|---|")
     for method, group in low.groupby("method"):
         d = group.sort_values("seed")["dice"]
         gap = (d.mean() - sup) / (full.mean() - sup)
@@ -41,11 +46,19 @@ def main() -> None:
         pq_text = f"{pq[0]:.3f} / {pq[1]:.2f}" if pq else "-"
         print(f"| {method} | {d.mean():.3f} ± {d.std():.3f} ({len(d)}) | "
               f"{', '.join(f'{v:.3f}' for v in d)} | {gap:+.0%} | {_paired_cells(paired, method)} | "
-              f"{pq_text} |")
+              f"{_final_epoch(group)} | {pq_text} |")
     print(f"| supervised, all labels | {full.mean():.3f} ± {full.std():.3f} ({len(full)}) | "
-          f"{', '.join(f'{v:.3f}' for v in full)} | 100% | - | - | - |")
+          f"{', '.join(f'{v:.3f}' for v in full)} | 100% | - | - | {_final_epoch(full_rows)} | - |")
     if len(paired):
         print(f"\nCI resampled over: {'; '.join(sorted(set(paired['resampled'])))}")
+    _sam_table(uri, args.experiment, args.fraction)
+
+
+def _final_epoch(group: pd.DataFrame) -> str:
+    """Mean test Dice of the last epoch's model, beside the val-selected one: a large gap says
+    selection on val mattered (or that val and test disagree)."""
+    final = group.get(FINAL_DICE)
+    return "-" if final is None or final.isna().all() else f"{final.mean():.3f}"
 
 
 def _paired_cells(paired: pd.DataFrame, method: str) -> str:
@@ -57,7 +70,6 @@ def _paired_cells(paired: pd.DataFrame, method: str) -> str:
         return f"- | {row.verdict}"
     ci = f" [{row.ci_low:+.3f}, {row.ci_high:+.3f}]" if pd.notna(row.ci_low) else ""
     return f"{row.mean_diff:+.3f}{ci} | {row.verdict}"
-    _sam_table(uri, args.experiment, args.fraction)
 
 
 def _sam_table(uri: str, experiment: str, fraction: float) -> None:

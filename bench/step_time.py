@@ -5,6 +5,7 @@ side in one process: methods are interleaved round by round so machine noise hit
     python bench/step_time.py --device cuda --batch-size 16 --image-size 256
 
 Prints a Markdown table (median ms/step and the ratio to supervised) and the command line.
+bench/device_check.py (P1, P4, P6) reuses `build`, `warm_up`, `time_steps` and `interleave`.
 """
 
 from __future__ import annotations
@@ -14,27 +15,46 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable, Sequence
 
 import torch
 
 from semiseg.config import load_config
-from semiseg.data import load_dataset
-from semiseg.data.splits import make_split
+from semiseg.data import SegData, load_dataset
+from semiseg.data.splits import Split, make_split
 from semiseg.engine import Trainer, build_trainer
 from semiseg.methods import METHODS
 from semiseg.pseudo_quality import PseudoLabelScore
 from semiseg.sam.store import PseudoLabelStore
 
+_DATASETS: dict[tuple[str, ...], tuple[SegData, Split, str]] = {}
 
-def build(method: str, args: argparse.Namespace, device: torch.device) -> Trainer:
-    overrides = [f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
-                 "data.label_fraction=0.05", f"data.num_images={args.num_images}"]
-    cfg = load_config(None, overrides)
-    data = load_dataset(cfg.data)
-    split = make_split(data, cfg.data, 0)
-    extra = [f"method.params.manifest={pseudo_manifest(data, split)}"] if method == "sam_refined" else []
-    cfg = load_config(None, [*overrides, f"method.name={method}", *extra])
-    return build_trainer(cfg, data, split, device)
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
+            "data.label_fraction=0.05", f"data.num_images={args.num_images}"]
+
+
+def dataset(overrides: list[str]) -> tuple[SegData, Split, str]:
+    """The dataset, its split and a sam_refined manifest, made once per process and size."""
+    key = tuple(overrides)
+    if key not in _DATASETS:
+        cfg = load_config(None, overrides)
+        data = load_dataset(cfg.data)
+        split = make_split(data, cfg.data, 0)
+        _DATASETS[key] = data, split, pseudo_manifest(data, split)
+    return _DATASETS[key]
+
+
+def build(method: str, args: argparse.Namespace, device: torch.device, extra: Sequence[str] = (),
+          wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Trainer:
+    """A Trainer for `method` at the bench sizes; `extra` overrides go on top (e.g. model.* or
+    train.compile=true) and `wrap_model` is build_trainer's (e.g. Ray's prepare_model)."""
+    overrides = base_overrides(args)
+    data, split, manifest = dataset(overrides)
+    own = [f"method.params.manifest={manifest}"] if method == "sam_refined" else []
+    cfg = load_config(None, [*overrides, *extra, f"method.name={method}", *own])
+    return build_trainer(cfg, data, split, device, wrap_model=wrap_model)
 
 
 def pseudo_manifest(data, split) -> str:
@@ -45,16 +65,37 @@ def pseudo_manifest(data, split) -> str:
     return str(store.write_manifest())
 
 
-def time_steps(trainer: Trainer, steps: int, start: int, device: torch.device) -> float:
-    score = PseudoLabelScore(len(trainer.classes))
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def time_steps(trainer: Trainer, steps: int, start: int, device: torch.device) -> float:
+    """Seconds per training step over `steps` steps from step number `start`."""
+    score = PseudoLabelScore(len(trainer.classes))
+    sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         trainer.train_step(start + i, score)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t0) / steps
+
+
+def warm_up(trainer: Trainer, steps: int, device: torch.device) -> None:
+    """Past every ramp-up and first pseudo-label refresh (step numbers from 1000 on)."""
+    for epoch in range(5):
+        trainer.method.on_epoch_start(epoch)
+    time_steps(trainer, steps, 1000, device)
+
+
+def interleave(trainers: dict[str, Trainer], rounds: int, steps: int,
+               device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each trainer, `rounds` samples each, taken round by round."""
+    samples: dict[str, list[float]] = {name: [] for name in trainers}
+    for r in range(rounds):
+        for name, trainer in trainers.items():
+            samples[name].append(time_steps(trainer, steps, 2000 + r * steps, device))
+    return samples
 
 
 def main() -> None:
@@ -70,14 +111,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     trainers = {m: build(m, args, device) for m in METHODS.names()}
-    for m, t in trainers.items():  # warm-up: past every ramp-up and first pseudo-label refresh
-        for epoch in range(5):
-            t.method.on_epoch_start(epoch)
-        time_steps(t, 3, 1000, device)
-    samples: dict[str, list[float]] = {m: [] for m in trainers}
-    for r in range(args.rounds):
-        for m, t in trainers.items():
-            samples[m].append(time_steps(t, args.steps, 2000 + r * args.steps, device))
+    for t in trainers.values():
+        warm_up(t, 3, device)
+    samples = interleave(trainers, args.rounds, args.steps, device)
     base = statistics.median(samples["supervised"])
     print(f"| method | ms/step (median of {args.rounds} x {args.steps} steps) | ÷ supervised |")
     print("|---|---|---|")

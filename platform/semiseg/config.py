@@ -71,6 +71,18 @@ class TrainConfig:
     """Seed of the labeled subset, the initial weights and the augmentations."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device when run outside Ray; inside Ray Train the worker's device is used."""
+    channels_last: bool = False
+    """Model weights and batches in channels-last (NHWC) memory format, the layout of cuDNN's
+    fastest convolutions. Off until measured (docs/BENCHMARKS.md, P6)."""
+    compile: bool = False
+    """torch.compile the networks in place (the model and any teacher, so checkpoints keep
+    eager's keys) and the method's training step (semiseg.speed says where the step stays eager).
+    Not bitwise equal to eager. Off until measured (docs/BENCHMARKS.md, P6)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for train.compile / train.cuda_graphs (inductor; aot_eager in tests)."""
+    cuda_graphs: bool = False
+    """Replay the fixed-shape training step as CUDA graphs (torch.compile mode='reduce-overhead';
+    implies train.compile, needs compile_backend=inductor and a CUDA device). Off until measured."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "steps_per_epoch"):
@@ -82,6 +94,16 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: expected 0 or more")
         _check_seed("train.seed", self.seed)
+        if not self.compile_backend.strip():
+            raise ConfigError("train.compile_backend='': expected a torch.compile backend name "
+                              "such as inductor")
+        if self.cuda_graphs and self.compile_backend != "inductor":
+            raise ConfigError(f"train.cuda_graphs=true with train.compile_backend="
+                              f"{self.compile_backend!r}: expected inductor (CUDA graphs are "
+                              "inductor's mode='reduce-overhead')")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ConfigError("train.cuda_graphs=true with train.device=cpu: CUDA graphs need a "
+                              "CUDA device; set train.cuda_graphs=false")
 
 
 @dataclass
@@ -125,7 +147,13 @@ class TrackingConfig:
     """Test images whose prediction overlays are logged as PNG."""
     log_model: bool = True
     """Log each trial's final checkpoint.pt as artifact model/ (reusable by run id, e.g. by
-    `semiseg pseudolabel --checkpoint RUN_ID`); a few MB per trial."""
+    `semiseg pseudolabel --checkpoint RUN_ID`); a few MB per trial. Also logs the model selected
+    on val as the run's MLflow PyTorch model (pt2, with signature and input example), for
+    `mlflow.pytorch.load_model` and the model registry."""
+    system_metrics: bool = False
+    """Log MLflow's system metrics (system/cpu_utilization_percentage, memory, GPU where
+    nvidia-ml-py sees one) of the rank-0 worker's machine every 10 s
+    ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while it trains."""
 
     def __post_init__(self) -> None:
         if self.overlays < 0:

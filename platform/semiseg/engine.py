@@ -26,6 +26,7 @@ from semiseg.methods import METHODS, Method, method_config
 from semiseg.methods.common import unwrap
 from semiseg.models import create_model
 from semiseg.optim import build_optimizer, build_scheduler
+from semiseg.speed import SpeedSettings, check_speed, to_channels_last
 from semiseg.trainer import LoopSettings, RandomStreams, Trainer, TrainingDiverged
 
 __all__ = ["CHECKPOINT_FILE", "Callback", "FitResult", "LoopSettings", "RandomStreams", "Trainer",
@@ -63,9 +64,14 @@ def build_trainer(cfg: Config, data: SegData, split: Split, device: torch.device
                   wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0) -> Trainer:
     """Build everything a Trainer runs from the config: the model (seeded by train.seed, the same
     on every rank and rerun; `wrap_model` e.g. wraps it for DDP), the method, the split as device
-    tensors, optimizer, LR schedule, and the random streams (batches differ across ranks)."""
-    loop = LoopSettings(cfg.train.epochs, cfg.train.steps_per_epoch, cfg.train.grad_clip,
-                        cfg.train.amp, cfg.tracking.overlays, cfg.config_hash(), rank)
+    tensors, optimizer, LR schedule, and the random streams (batches differ across ranks).
+    The speed options (train.channels_last / compile / cuda_graphs) are checked against the device
+    first; the Trainer compiles (semiseg.speed)."""
+    t = cfg.train
+    speed = SpeedSettings(t.channels_last, t.compile, t.compile_backend, t.cuda_graphs)
+    check_speed(speed, device)  # before any work: e.g. train.cuda_graphs on a CPU worker
+    loop = LoopSettings(t.epochs, t.steps_per_epoch, t.grad_clip, t.amp, cfg.tracking.overlays,
+                        cfg.config_hash(), rank, speed)
     model, method, ambient = _seeded_model_and_method(cfg, data.num_classes, device, wrap_model,
                                                       loop.total_steps)
     tensors = split_tensors(data, split, device)
@@ -89,6 +95,8 @@ def _seeded_model_and_method(cfg: Config, num_classes: int, device: torch.device
         torch.default_generator.manual_seed(cfg.train.seed)
         model = create_model(cfg.model.name, 1, num_classes, cfg.model.base_channels,
                              cfg.model.depth).to(device)
+        if cfg.train.channels_last:  # before DDP and before teachers are copied from it
+            model = to_channels_last(model)
         model = wrap_model(model) if wrap_model else model
         method = METHODS.get(cfg.method.name)(
             model, method_config(cfg.method.name, cfg.method.params), num_classes,

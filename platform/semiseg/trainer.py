@@ -10,7 +10,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from semiseg.methods.base import Batch, Method, StepOutput
 from semiseg.methods.common import unwrap
 from semiseg.metrics import MetricAccumulator
 from semiseg.pseudo_quality import PseudoLabelScore
+from semiseg.speed import CompiledStep, SpeedSettings, batch_layout, check_speed, compile_networks
 
 
 class TrainingDiverged(SemisegError):
@@ -46,6 +47,9 @@ class LoopSettings:
     """Written into every checkpoint; `load` refuses a checkpoint that holds another."""
     rank: int = 0
     """This process's DDP rank: only rank 0 writes checkpoints."""
+    speed: SpeedSettings = SpeedSettings()
+    """channels_last / compile / cuda_graphs (semiseg.speed); the Trainer compiles the networks
+    and the step itself, while channels-last weights are set where the model is built."""
 
     @property
     def total_steps(self) -> int:
@@ -98,6 +102,16 @@ class Trainer:
         self.device = tensors.labeled.images.device
         self.state = LoopState()
         self.use_unlabeled = method.uses_unlabeled and len(tensors.unlabeled) > 0
+        speed = loop.speed
+        check_speed(speed, self.device)
+        self._layout = batch_layout(speed)
+        # Eager: looked up at each call, so the method's step can be wrapped after the build
+        # (the hidden-mask leak test records what it receives that way).
+        self._training_step: Callable[..., StepOutput] = (
+            lambda labeled, unlabeled, step: self.method.training_step(labeled, unlabeled, step))
+        if speed.compiles:
+            compile_networks(model, method, speed)
+            self._training_step = CompiledStep(method.training_step, speed)
 
     @property
     def method_name(self) -> str:
@@ -166,7 +180,8 @@ class Trainer:
         pick = self.streams.labeled.next()
         part, gen = self.tensors.labeled, self.streams.augment
         image, mask, _ = weak_geometric(part.images[pick], part.masks[pick], gen)
-        return Batch(image, strong_photometric(image, gen), mask, part.index[pick])
+        strong = strong_photometric(image, gen)
+        return Batch(self._layout(image), self._layout(strong), mask, part.index[pick])
 
     def _unlabeled_batch(self) -> tuple[Batch, Tensor | None]:
         """An unlabeled batch (no mask) plus the hidden masks warped the same way, for scoring."""
@@ -180,15 +195,22 @@ class Trainer:
             extra=None if hidden is None else hidden[pick],
         )
         fixed_warped = None if fixed_warped is None else fixed_warped - 1
-        batch = Batch(image, strong_photometric(image, gen), None, part.index[pick], fixed_warped)
+        strong = strong_photometric(image, gen)
+        batch = Batch(self._layout(image), self._layout(strong), None, part.index[pick], fixed_warped)
         return batch, hidden_warped
+
+    def _begin_graph_step(self) -> None:
+        """With CUDA graphs, a new step may overwrite the previous replay's outputs."""
+        if self.loop.speed.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def train_step(self, step: int, pseudo: PseudoLabelScore) -> dict[str, float]:
         self.model.train()
+        self._begin_graph_step()
         labeled = self._labeled_batch()
         unlabeled, hidden = self._unlabeled_batch() if self.use_unlabeled else (None, None)
         with self._autocast():
-            out: StepOutput = self.method.training_step(labeled, unlabeled, step)
+            out: StepOutput = self._training_step(labeled, unlabeled, step)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
                 f"method {self.method_name!r}: loss is {out.loss.item()} at step {step} "
@@ -225,8 +247,9 @@ class Trainer:
         model.eval()
         preds = []
         for start in range(0, len(images), 32):
+            self._begin_graph_step()
             with self._autocast():
-                preds.append(model(images[start:start + 32]).argmax(1))
+                preds.append(model(self._layout(images[start:start + 32])).argmax(1))
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
     def evaluate(self, part: Subset, prefix: str) -> Scores:
