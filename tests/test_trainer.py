@@ -63,7 +63,7 @@ def hand_built(method_cls: type[Method] = CrossEntropy, epochs: int = 2, ambient
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     streams = RandomStreams(RandomBatches(8, 4, 0), RandomBatches(4, 4, 1),
                             torch.Generator().manual_seed(2),
-                            [torch.Generator().manual_seed(ambient_seed).get_state()])
+                            ambient=[torch.Generator().manual_seed(ambient_seed).get_state()])
     loop = LoopSettings(epochs=epochs, steps_per_epoch=5, overlays=2, run_hash="hand-built")
     return Trainer(model, method, tensors, optimizer, scheduler, streams, CLASSES, IDS, loop)
 

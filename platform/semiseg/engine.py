@@ -79,7 +79,8 @@ def build_trainer(cfg: Config, data: SegData, split: Split, device: torch.device
     seed, size = cfg.train.seed * 1000 + rank, cfg.data.batch_size
     streams = RandomStreams(RandomBatches(len(tensors.labeled), size, seed),
                             RandomBatches(max(1, len(tensors.unlabeled)), size, seed + 1),
-                            torch.Generator().manual_seed(seed + 2), ambient)
+                            torch.Generator().manual_seed(seed + 2),
+                            strong=torch.Generator().manual_seed(seed + 3), ambient=ambient)
     return Trainer(model, method, tensors, optimizer,
                    build_scheduler(optimizer, cfg.train, loop.total_steps), streams,
                    data.classes, data.ids, loop)

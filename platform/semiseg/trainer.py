@@ -64,6 +64,9 @@ class RandomStreams:
     labeled: RandomBatches
     unlabeled: RandomBatches
     augment: torch.Generator
+    strong: torch.Generator = field(default_factory=torch.Generator)
+    """The strong photometric views' own stream: a method that never looks at them (supervised)
+    draws the same geometric augmentations whatever the strong views do."""
     ambient: list[Tensor] = field(default_factory=list)
     """The states torch's global RNG is given during each epoch (CPU, then the CUDA device's):
     method code such as random pixel sampling draws from it. The caller's global RNG is
@@ -120,7 +123,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
         s = self.streams
-        return [s.labeled.generator, s.unlabeled.generator, s.augment]
+        return [s.labeled.generator, s.unlabeled.generator, s.augment, s.strong]
 
     def save(self, directory: Path) -> Path:
         """Write the full state atomically (temp file, then rename) and return the directory."""
@@ -180,7 +183,7 @@ class Trainer:
         pick = self.streams.labeled.next()
         part, gen = self.tensors.labeled, self.streams.augment
         image, mask, _ = weak_geometric(part.images[pick], part.masks[pick], gen)
-        strong = strong_photometric(image, gen)
+        strong = strong_photometric(image, self.streams.strong)
         return Batch(self._layout(image), self._layout(strong), mask, part.index[pick])
 
     def _unlabeled_batch(self) -> tuple[Batch, Tensor | None]:
@@ -195,7 +198,7 @@ class Trainer:
             extra=None if hidden is None else hidden[pick],
         )
         fixed_warped = None if fixed_warped is None else fixed_warped - 1
-        strong = strong_photometric(image, gen)
+        strong = strong_photometric(image, self.streams.strong)
         batch = Batch(self._layout(image), self._layout(strong), None, part.index[pick], fixed_warped)
         return batch, hidden_warped
 
