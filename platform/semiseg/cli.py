@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+        s.add_argument("--verbose", action="store_true", help="also show Ray's notices and warnings "
+                       "and Tune's configuration box (hidden by default; live trial lines always show)")
         if name == "sweep":
             s.add_argument("--name", default="", help="name of the sweep's parent MLflow run")
             s.add_argument("--force", action="store_true",
@@ -112,13 +114,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg.sweep.methods, cfg.sweep.params = [cfg.method.name], {}
     cfg.sweep.label_fractions, cfg.sweep.seeds = [cfg.data.label_fraction], [cfg.train.seed]
     cfg.sweep.full_supervision = False
-    out = run_sweep(cfg, f"train-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", force=True)
+    out = run_sweep(cfg, f"train-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", force=True,
+                    verbose=args.verbose)
     trial = finished_trials(out.uri, cfg.tracking.experiment, out.parent_run_id)
     print(f"test dice_mean {trial['dice'].iloc[0]:.4f} ({cfg.method.name}, label fraction "
           f"{cfg.data.label_fraction:g}, seed {cfg.train.seed}); tracking: {out.uri}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from semiseg import tracking
     from semiseg.config import load_config
     from semiseg.distributed.tune import run_sweep
     from semiseg.report import dice_table, finished_trials, format_table
@@ -126,11 +130,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     name = args.name or f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.time()
-    out = run_sweep(cfg, name, force=args.force)
+    out = run_sweep(cfg, name, force=args.force, verbose=args.verbose)
     trials = finished_trials(out.uri, cfg.tracking.experiment, config_hashes=out.config_hashes)
     print(format_table(dice_table(trials)))
     print(f"sweep {name} (MLflow run {out.parent_run_id}) took {time.time() - start:.0f} s; "
-          f"tracking: {out.uri}\nbrowse: mlflow ui --backend-store-uri {out.uri}")
+          f"tracking: {out.uri}\nbrowse: mlflow ui --backend-store-uri {out.uri}, then open "
+          f"{tracking.runs_page(out.uri, cfg.tracking.experiment)}")  # the runs table, not GenAI
 
 
 def cmd_pseudolabel(args: argparse.Namespace) -> None:
@@ -164,6 +169,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     from semiseg.report import text_report
 
     uri = tracking.resolve_uri(args.uri)
+    for line in tracking.end_stale_runs(uri, args.experiment, "semiseg report"):
+        print(line)  # runs a killed sweep driver left RUNNING
     out = Path(args.out) if args.out else Path("reports") / args.experiment
     board = build_dashboard(uri, args.experiment, out, args.parent)
     print(text_report(board.trials, board.per_image))  # Dice table, then paired CIs and verdicts

@@ -13,11 +13,18 @@ from ray._private import ray_constants
 import semiseg
 
 
-def runtime_env() -> dict:
-    """Make the semiseg package importable on every worker, wherever the driver came from."""
+# A Ray that this process starts is one machine that no autoscaler drains, so Ray Train's
+# preemption watcher (one more actor process per trial, Ray 2.60) has nothing to watch there.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def runtime_env(extra_env: dict[str, str] | None = None) -> dict:
+    """Make the semiseg package importable on every worker, wherever the driver came from;
+    `extra_env`: more variables for every worker (a value set in this environment wins)."""
     source = str(Path(semiseg.__file__).resolve().parent.parent)  # the platform/ folder
     path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path}}
+    extra = {k: os.environ.get(k, v) for k, v in (extra_env or {}).items()}
+    return {"env_vars": {**extra, "PYTHONPATH": path}}
 
 
 def connect(address: str) -> None:
@@ -29,7 +36,7 @@ def connect(address: str) -> None:
         address = os.environ["RAY_ADDRESS"]
     if address in ("", "local"):
         with _loopback_only():
-            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env(),
+            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env(LOCAL_RAY_ENV),
                      _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     else:
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False)

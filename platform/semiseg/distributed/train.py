@@ -3,11 +3,13 @@ TorchTrainer running `engine.fit` on each worker (DDP across them)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import ray
 import ray.train
@@ -20,7 +22,9 @@ from semiseg.config import Config, from_dict
 from semiseg.data import load_dataset
 from semiseg.data.splits import make_split
 from semiseg.distributed.cluster import storage_path
+from semiseg.distributed.selected_model import log_selected_model
 from semiseg.distributed.stages import run_stages
+from semiseg.distributed.stopped import PLACEMENT_GROUP_KEY, current_placement_group
 from semiseg.engine import FitResult, build_trainer, fit
 from semiseg.methods import METHODS
 
@@ -31,7 +35,8 @@ class RayReportCallback:
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # The placement group id lets the sweep free a trial's CPUs/GPUs that Tune stops (stopped.py).
+        ray.train.report({**metrics, PLACEMENT_GROUP_KEY: current_placement_group()}, checkpoint=checkpoint)
 
     def on_fit_end(self, result: FitResult) -> None:
         pass
@@ -50,7 +55,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if logger:
         logger.log_dict(split.manifest(data), "split_manifest.json")
         logger.log_dict(split.summary(data), "split_summary.json")  # each role's position range
-        callbacks.append(tracking.MlflowCallback(logger, _logged_epochs(logger, checkpoint)))
+        logger.log_dataset(cfg.data.name, cfg.data.root or data.source, cfg.to_dict()["data"],
+                           split.manifest(data))  # the Dataset column: train / val / test
+        callbacks.append(tracking.MlflowCallback(logger, _logged_epochs(logger, checkpoint),
+                                                 system_metrics=cfg.tracking.system_metrics))
     # MLflow before Ray: once Ray holds an epoch's checkpoint, its metrics are logged, so a
     # restart from that checkpoint can never leave the epoch out of the run.
     callbacks.append(RayReportCallback())
@@ -70,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         trainer = build_trainer(cfg, data, split, device, wrap_model=wrap, rank=rank)
         fit(trainer, workdir / "latest", callbacks, resume_from=resume)
+        log_selected_model(logger, cfg, data, split, [workdir / "latest", resume])  # MLflow model
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -84,8 +93,9 @@ def _rank0_logger(config: dict[str, Any], rank: int) -> tracking.RunLogger | Non
 
 def _logged_epochs(logger: tracking.RunLogger, checkpoint: ray.train.Checkpoint | None) -> set[int]:
     """Epochs the run already has: after a restart, those between Ray's last registered
-    checkpoint and the crash. Ray's controller takes reports about every 2 s, so a worker that
-    dies early restarts from scratch with epochs already logged."""
+    checkpoint and the crash. Ray's controller takes reports at each poll (every 0.5 s, see
+    TRAIN_ENV_DEFAULTS), so a worker that dies early restarts from scratch with epochs already
+    logged."""
     logged = logger.logged_steps("epoch")
     if checkpoint is not None or logged:
         logger.set_tags({"semiseg.resumed_from": Path(checkpoint.path).name if checkpoint else "scratch"})
@@ -133,15 +143,38 @@ def run_trainer(cfg: Config, run_id: str | None, uri: str, name: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    with _train_env():
+        return trainer.fit()
+
+
+# Ray Train settings it reads from the environment of the process that calls fit() and hands on
+# to its controller and workers (ray/train/v2/_internal/constants.py, Ray 2.60). A value already
+# in the environment wins. The controller polls its workers every 2 s by default, so each fit's
+# end waited up to 2 s to be noticed, and each report up to 2 s to be registered; one poll is
+# one small actor call (docs/BENCHMARKS.md, P1-cpu).
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+@contextlib.contextmanager
+def _train_env() -> Iterator[None]:
+    added = {k: v for k, v in TRAIN_ENV_DEFAULTS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: str | None,
-                      callbacks: list | None = None) -> str:
-    """Create the trial's MLflow run, run its method's stages, and close the run as FINISHED or
-    FAILED."""
+                      callbacks: list | None = None,
+                      on_run: Callable[[str], None] | None = None) -> str:
+    """Create the trial's MLflow run (handing its id to `on_run`, e.g. to show progress), run
+    its method's stages, and close the run as FINISHED or FAILED."""
     name = trial_name(cfg)
     run_id = tracking.start_run(uri, experiment_id, name, "trial", trial_tags(cfg), parent_run_id)
+    if on_run:
+        on_run(run_id)
     # One Train run per tracked run: a rerun (--force, or after a deleted run) must start
     # fresh, not restore the checkpoints an earlier trial with this config left in storage.
     train_name = f"{name}-{cfg.config_hash()}-{run_id[:8]}"

@@ -2,7 +2,8 @@
 
 Train V2 pattern: each Tune trial runs a function that builds its own TorchTrainer and relays
 worker reports to Tune through TuneReportCallback. MLflow gets one parent run per sweep and one
-nested child run per trial.
+nested child run per trial. A lone trial to run (`semiseg train`) skips Tune: the driver runs
+its TorchTrainer itself (_run_one).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ray.tune.schedulers import ASHAScheduler
 from semiseg import tracking
 from semiseg.config import Config, from_dict, method_grid
 from semiseg.distributed.cluster import connect, storage_path
-from semiseg.distributed.progress import SweepProgress
+from semiseg.distributed.progress import SweepProgress, TrialProgress, ray_output
+from semiseg.distributed.stopped import FreeStoppedTrials
 from semiseg.distributed.train import run_tracked_trial
 from semiseg.errors import SemisegError
 from semiseg.methods import FULL_SUPERVISION_METHOD
@@ -70,9 +72,11 @@ class SweepOutcome:
     skipped: int              # trials already FINISHED with the same config hash
 
 
-def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> SweepOutcome:
+def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False,
+              verbose: bool = False) -> SweepOutcome:
     """Run the grid's trials that have not already FINISHED with the same config hash in this
-    experiment (all of them with force), so a rerun or a nightly job trains only what is new."""
+    experiment (all of them with force), so a rerun or a nightly job trains only what is new.
+    verbose: also show Ray's notices and Tune's configuration box (progress.ray_output)."""
     check_paths(cfg)  # data.root, resolved: trials run in other dirs
     cfg.ray.storage_path = storage_path(cfg.ray.storage_path)
     trials = expand_grid(cfg)
@@ -82,6 +86,8 @@ def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> Sw
     uri = tracking.resolve_uri(cfg.tracking.uri)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     _flush_spools(cfg.ray.storage_path)  # what earlier runs could not log, before skipping
+    for line in tracking.end_stale_runs(uri, cfg.tracking.experiment, "semiseg sweep"):
+        print(line, flush=True)  # runs a killed driver left RUNNING
     done = set() if force else tracking.finished_hashes(uri, experiment_id)
     todo = [t for t, h in zip(trials, hashes) if h not in done]
     print(f"{len(trials)} trials in the grid; {len(trials) - len(todo)} already finished with the "
@@ -93,13 +99,16 @@ def run_sweep(cfg: Config, sweep_name: str = "sweep", force: bool = False) -> Sw
         cfg.ray.storage_path, f"{sweep_name}-{parent[:8]}", "sweep"))
     logger.log_params(cfg.flat())
     logger.log_dict(hashes, "config_hashes.json")
+    heartbeat = tracking.Heartbeat(uri, parent)  # if this driver dies, a later sweep ends its runs
     status = "FAILED"
     try:
         if todo:
-            connect(cfg.ray.address)
-            _run_tuner(cfg, todo, uri, experiment_id, parent, sweep_name)
+            with ray_output(verbose):
+                connect(cfg.ray.address)
+                _run_trials(cfg, todo, uri, experiment_id, parent, sweep_name)
         status = "FINISHED"
     finally:
+        heartbeat.stop()
         # Trials whose server was down at their end spooled their status: send it first.
         _flush_spools(cfg.ray.storage_path)
         # Trials stopped by ASHA (or killed with their actor) cannot close their own run.
@@ -115,6 +124,29 @@ def _flush_spools(storage: str) -> None:
               flush=True)
 
 
+def _run_trials(cfg: Config, trials: list[dict[str, Any]], uri: str, experiment_id: str,
+                parent: str, sweep_name: str) -> None:
+    if len(trials) == 1:
+        _run_one(cfg, trials[0], uri, experiment_id, parent)
+    else:
+        _run_tuner(cfg, trials, uri, experiment_id, parent, sweep_name)
+
+
+def _run_one(cfg: Config, trial: dict[str, Any], uri: str, experiment_id: str, parent: str) -> None:
+    """One trial to run (`semiseg train`, or a rerun with one left) runs its TorchTrainer from
+    this driver. Tune could not act on a lone trial (no ASHA cut, nothing to run beside it), and
+    its trial actor costs a process start, imports and a controller loop on every trial: about
+    4 s of the per-trial overhead on 2 cores (docs/BENCHMARKS.md, P1-cpu)."""
+    progress = TrialProgress(trial, cfg.train.epochs, uri)
+    try:
+        run_tracked_trial(from_dict(trial, source="trial"), uri, experiment_id, parent,
+                          on_run=progress.watch)
+    except Exception as exc:
+        progress.stop(failed=True)
+        raise SweepFailed(f"1 of 1 trials failed; first: {type(exc).__name__}: {exc}") from exc
+    progress.stop(failed=False)
+
+
 def _run_tuner(cfg: Config, trials: list[dict[str, Any]], uri: str, experiment_id: str,
                parent: str, sweep_name: str) -> None:
     tuner = tune.Tuner(
@@ -122,11 +154,15 @@ def _run_tuner(cfg: Config, trials: list[dict[str, Any]], uri: str, experiment_i
         tune.with_resources(_tune_trial, {"cpu": 0, "memory": 1e6}),
         param_space={"trial": tune.grid_search(trials), "uri": uri,
                      "experiment_id": experiment_id, "parent_run_id": parent},
+        # A finished trial's actor runs the next trial: no process start and imports each time.
+        # Not with ASHA: a trial it stops is still in TorchTrainer.fit, so its actor cannot
+        # be reset, and the next trial would wait for it.
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ray.max_concurrent_trials,
-                                    scheduler=_scheduler(cfg)),
+                                    scheduler=_scheduler(cfg),
+                                    reuse_actors=cfg.sweep.scheduler == "fifo"),
         run_config=tune.RunConfig(
             name=f"{sweep_name}-{parent[:8]}", storage_path=cfg.ray.storage_path,
-            callbacks=[SweepProgress(len(trials), cfg.train.epochs)], verbose=0,
+            callbacks=[SweepProgress(len(trials), cfg.train.epochs), FreeStoppedTrials()], verbose=0,
         ),
     )
     errors = [r.error for r in tuner.fit() if r.error is not None]
