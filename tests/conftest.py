@@ -7,14 +7,25 @@ which the stage runner supplies in a trial; here each kind of stage output has o
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from semiseg.config import Config, MethodConfig
 from semiseg.methods import METHODS, PseudoLabelStage
 from semiseg.sam.store import PseudoLabelStore
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    CPU float reductions are then bitwise reproducible, and tests don't oversubscribe 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 StageInputs = Callable[[str, Iterable[int], tuple[int, int], int], dict[str, str]]
 

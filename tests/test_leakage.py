@@ -37,13 +37,7 @@ TINY = ["data.image_size=16", "data.batch_size=2", "data.label_fraction=0.25",
         "train.device=cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: CPU float reductions are then bitwise reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_folder(root: Path, patients: int = 8, per_patient: int = 3, reverse: bool = False) -> Path:

@@ -16,12 +16,7 @@ from semiseg.methods.local_contrastive import (
 from semiseg.models import create_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def clustered(per_class: int = 20, classes: int = 3, dim: int = 16, noise: float = 0.05,

@@ -19,12 +19,7 @@ K = 3
 EMA_COPIES = {"mean_teacher": "teacher", "low_confidence": "teacher", "reference_guided": "matcher"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def batches(step: int) -> tuple[Batch, Batch]:
