@@ -36,8 +36,9 @@ def connect(address: str) -> None:
         address = os.environ["RAY_ADDRESS"]
     if address in ("", "local"):
         with _loopback_only():
-            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env(LOCAL_RAY_ENV),
-                     _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False,
+                     runtime_env=runtime_env(LOCAL_RAY_ENV), _node_ip_address="127.0.0.1",
+                     configure_logging=False, log_to_driver=False)
     else:
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False)
 
