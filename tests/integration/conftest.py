@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,43 @@ def _wait_for(ready, proc: subprocess.Popen, what: str, timeout_s: float = 120) 
         if time.time() > deadline:
             pytest.fail(f"{what} did not come up in {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url + "/health", timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def start_mlflow_server():
+    """`start(store_uri, artifacts=None) -> url`: a real `mlflow server` on 127.0.0.1 (one
+    worker, job execution off), in its own session; its whole process group is ended at
+    teardown, since the server leaves child processes behind."""
+    servers: list[subprocess.Popen] = []
+
+    def start(store: str, artifacts: Path | None = None) -> str:
+        port = free_port()
+        extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
+             *extra, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        servers.append(server)
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _healthy(url), server, "mlflow server")
+        return url
+
+    yield start
+    for server in servers:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -9,12 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -50,36 +45,11 @@ def _make_sweep(uri: str) -> None:
 
 
 @pytest.fixture
-def ui_server(tmp_path: Path):
+def ui_server(tmp_path: Path, start_mlflow_server) -> str:
     """`mlflow server` over the store, in its own session; its whole process group is ended."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _make_sweep(store)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow server exited at start"
-                assert time.time() < deadline, "mlflow server did not come up in 60 s"
-                time.sleep(0.3)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    return start_mlflow_server(store)
 
 
 def _chromium(url: str, profile: Path, *args: str) -> str:
