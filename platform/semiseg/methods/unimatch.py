@@ -52,9 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semiseg.data.transforms import strong_photometric
-from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepOutput
-from semiseg.methods.common import masked_cross_entropy
+from semiseg.methods.common import check_fractions, check_range, check_weights, masked_cross_entropy
 from semiseg.methods.cutmix import cutmix_box, mix, partner
 from semiseg.methods.losses import segmentation_loss
 from semiseg.methods.registry import register_method
@@ -78,18 +77,9 @@ class UniMatchConfig:
     """Loss on confident pixels: Dice (official medical code) or the mean of CE and Dice."""
 
     def __post_init__(self) -> None:
-        for key in ("threshold", "cutmix_p"):
-            _check_range(key, getattr(self, key), 0.0, 1.0, "[0, 1]")
-        _check_range("fp_dropout", self.fp_dropout, 0.0, 1.0, "[0, 1)", open_high=True)
-        for key in ("strong_weight", "fp_weight", "unlabeled_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"method.params.{key}={getattr(self, key)!r}: expected a value >= 0")
-
-
-def _check_range(key: str, value: float, low: float, high: float, shown: str,
-                 open_high: bool = False) -> None:
-    if not (low <= value < high if open_high else low <= value <= high):
-        raise ConfigError(f"method.params.{key}={value!r}: expected a value in {shown}")
+        check_fractions(self, "threshold", "cutmix_p")
+        check_range(self, "fp_dropout", 0, 1, high_open=True)
+        check_weights(self, "strong_weight", "fp_weight", "unlabeled_weight")
 
 
 def masked_dice_loss(logits: Tensor, target: Tensor, keep: Tensor, smooth: float = 1e-5) -> Tensor:
