@@ -168,9 +168,14 @@ def _train_env() -> Iterator[None]:
 
 def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: str | None,
                       callbacks: list | None = None,
-                      on_run: Callable[[str], None] | None = None) -> str:
+                      on_run: Callable[[str], None] | None = None,
+                      stopped: Callable[[], bool] = lambda: False) -> str:
     """Create the trial's MLflow run (handing its id to `on_run`, e.g. to show progress), run
-    its method's stages, and close the run as FINISHED or FAILED."""
+    its method's stages, and close the run as FINISHED or FAILED.
+
+    stopped: True once the scheduler has stopped this trial (ASHA). Its fit then raises from
+    the torn-down Tune session, which is no failure: the run is left for the sweep driver to
+    close as KILLED (tune.close_open_children), with every epoch it logged."""
     name = trial_name(cfg)
     run_id = tracking.start_run(uri, experiment_id, name, "trial", trial_tags(cfg), parent_run_id)
     if on_run:
@@ -189,7 +194,10 @@ def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: 
             log_metrics=logger.log_metrics, log_files=logger.log_files)
         _log_model(logger, result, cfg)
     except BaseException:
-        logger.end("FAILED")
+        if stopped():
+            logger.close()
+        else:
+            logger.end("FAILED")
         raise
     logger.end("FINISHED")
     return run_id

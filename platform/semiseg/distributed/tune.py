@@ -12,9 +12,10 @@ import copy
 import itertools
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
+from ray.train._internal.session import get_session  # Tune's session of a trial actor
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -57,7 +58,15 @@ def _tune_trial(config: dict[str, Any]) -> None:
     """Runs inside a Tune trial actor; the TorchTrainer it starts does the training."""
     cfg = from_dict(config["trial"], source="trial")
     run_tracked_trial(cfg, config["uri"], config["experiment_id"], config["parent_run_id"],
-                      callbacks=[TuneReportCallback()])
+                      callbacks=[TuneReportCallback()], stopped=_stop_requested())
+
+
+def _stop_requested() -> Callable[[], bool]:
+    """Whether Tune has stopped this trial: its session's stop event, which Tune sets before it
+    tears the session down (a stopped trial's TorchTrainer.fit then raises from its reports;
+    whether that comes before the actor exits is a race, seen in CI as a FAILED run)."""
+    session = get_session()
+    return lambda: session is not None and session.stop_event.is_set()
 
 
 class SweepFailed(SemisegError):
