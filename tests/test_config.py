@@ -319,3 +319,19 @@ def test_flat() -> None:
     assert flat["method.params"] == {}
     assert all(not isinstance(v, dict) or not v for v in flat.values())
     assert "train" not in flat
+
+
+def test_options_added_later_keep_earlier_hashes_at_their_earlier_behaviour() -> None:
+    """The hash a results sweep recorded (docs/RESULTS.md, commit 91ed285) must not move when a
+    data option is added at a value that trains the same model, or a resumed sweep retrains all."""
+    base = ["method.name=supervised"]
+    cfg = load_config(REPO / "experiments" / "results_synthetic.yaml", base)
+    assert cfg.config_hash() == "d1a5a7984b161621"
+    for changed in ("data.label_unit=case", "data.normalize=dataset", "data.native_size=256"):
+        assert load_config(REPO / "experiments" / "results_synthetic.yaml", [*base, changed]).config_hash() != cfg.config_hash()
+    image = load_config(REPO / "experiments" / "results_synthetic.yaml", [*base, "data.label_unit=image"])
+    assert image.config_hash() == cfg.config_hash()
+    # nifti's `auto` is `case`: it trains something else than before, so its hash differs.
+    nifti = [*base, "data.name=nifti"]
+    assert "label_unit" in load_config(None, nifti).identity()["data"]
+    assert "label_unit" not in load_config(None, [*nifti, "data.label_unit=image"]).identity()["data"]

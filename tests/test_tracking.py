@@ -185,6 +185,17 @@ def test_per_image_metrics_round_trip_through_the_callback(store, new_run) -> No
     assert none.empty and list(none.columns) == ["run_id", "id"]
 
 
+def test_per_case_table_of_a_volume_dataset_is_logged_as_an_artifact(store, new_run, tmp_path) -> None:
+    uri, run_id = store[0], new_run()
+    result = _result()
+    result.per_case = [{"case": "patient003_frame01", "slices": 10, "spacing_mm": [10.0, 1.5, 1.5],
+                        "dice/lv": np.float64(0.9), "hd95/lv": 4.5, "dice/rv": float("nan")}]
+    tracking.MlflowCallback(tracking.RunLogger(uri, run_id)).on_fit_end(result)
+    rows = json.loads(_artifact(uri, run_id, tracking.PER_CASE_ARTIFACT, tmp_path))
+    assert rows == [{"case": "patient003_frame01", "slices": 10, "spacing_mm": [10.0, 1.5, 1.5],
+                     "dice/lv": 0.9, "hd95/lv": 4.5, "dice/rv": None}]
+
+
 def test_per_image_that_is_not_a_list_of_dicts_is_named_and_not_logged() -> None:
     with pytest.warns(tracking.TrackingWarning, match="per_image is not a list of dicts"):
         assert tracking.callback.per_image_rows([0.5, 0.7]) == []

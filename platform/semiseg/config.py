@@ -223,6 +223,9 @@ class Config:
         """What determines a trained model: not where it ran nor where it was logged."""
         d = self.to_dict()
         identity = {k: d[k] for k in ("data", "model", "method", "train")}
+        identity["data"] = self.data.identity()  # new fields at their old behaviour left out
+        for key in _options_at_earlier_behaviour(self):
+            identity["data"].pop(key, None)
         from semiseg.methods import METHODS  # here: the registry imports torch code
 
         for section in METHODS.get(self.method.name).identity_sections:  # e.g. sam_refined: "sam"
@@ -318,3 +321,21 @@ def _check_methods(cfg: Config) -> None:
             check_method(dataclasses.replace(cfg, method=setting))
         except ConfigError as exc:
             raise ConfigError(f"sweep grid ({setting.name} with {setting.params}): {exc}") from None
+
+
+# Datasets whose `data.label_unit: auto` is `case` (their SegData.label_unit): under auto they
+# no longer draw labels as before the option existed, so it stays in their identity.
+CASE_UNIT_DATASETS = frozenset({"nifti", "nnunet"})
+
+
+def _options_at_earlier_behaviour(cfg: "Config") -> list[str]:
+    """data keys added after results were recorded, at a value that trains exactly what the
+    code before them trained: left out of the identity, so adding an option keeps every
+    finished trial's hash and a resumed sweep still skips it."""
+    keys = []
+    if cfg.data.labeled_cases == 0:
+        keys.append("labeled_cases")
+    unit = cfg.data.label_unit
+    if unit == "image" or (unit == "auto" and cfg.data.name not in CASE_UNIT_DATASETS):
+        keys.append("label_unit")
+    return keys

@@ -1,9 +1,12 @@
 """An experiment's dashboard: one self-contained folder (index.html + PNGs, no CSS/JS from
 anywhere else) built from its MLflow runs, and logged to the sweep's parent run under
-`dashboard/` so it is one click away in the MLflow UI. Tables and figures come from report.py;
-this module only assembles the page and moves it. Every table and figure shows, per method and
-label fraction, the method.params selected on val (report.best_configs says which); the paired
-comparisons with supervised-only carry a bootstrap CI and a verdict.
+`dashboard/` so it is one click away in the MLflow UI. Numbers and figures come from report*.py;
+this module only assembles the page (its sections: semiseg.dashboard_sections) and moves it.
+Every table and figure shows, per method and label fraction, the method.params selected on val
+(report.best_configs says which), with its uncertainty: bootstrap 95 % CIs (report_bands), the
+paired verdicts against supervised-only (semiseg.paired), the label budgets with their CIs
+(report_planner); plus a gallery of the same test images under every setting (report_gallery)
+and the Dice gained per extra compute-hour (report_cost).
 """
 
 from __future__ import annotations
@@ -15,35 +18,36 @@ from pathlib import Path
 
 import pandas as pd
 
-from semiseg import paired, report, tracking
-from semiseg.errors import ConfigError
+from semiseg import paired, report, report_bands, report_cost, report_planner, tracking
+from semiseg import dashboard_sections as sections
+from semiseg.errors import ConfigError, SemisegError
+from semiseg.report_gallery import Gallery, build_gallery, plot_gallery
 
-CURVES, PSEUDO, INDEX = "label_efficiency.png", "pseudo_quality.png", "index.html"
+CURVES, PSEUDO, PLANNER, GALLERY, INDEX = ("label_efficiency.png", "pseudo_quality.png",
+                                           "planner.png", "gallery.png", "index.html")
+SPLIT_SUMMARY = "split_summary.json"  # a trial's labeled images / cases (distributed.train)
 
-STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto;
-       max-width: 1180px; padding: 0 16px; color: #1f2328; }
-h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
-.meta, .note { color: #59636e; font-size: 13px; }
-table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
-th, td { border: 1px solid #d1d9e0; padding: 4px 8px; text-align: right; }
-th { background: #f6f8fa; } tbody tr:nth-child(even) { background: #fafbfc; }
-td:first-child, th:first-child { text-align: left; }
-#best-configs td:nth-child(3), #paired td:nth-child(3) { text-align: left;
-  font-family: ui-monospace, monospace; }
-td.better { color: #1a7f37; font-weight: 600; } td.worse { color: #cf222e; font-weight: 600; }
-img { max-width: 100%; border: 1px solid #d1d9e0; }
-"""
 
-# dump-dom cannot see whether an <img> decoded; this leaves the count where tests can read it.
-IMAGES_SCRIPT = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  document.body.dataset.imagesTotal = images.length;
-  document.body.dataset.imagesLoaded = images.filter(function (i) {
-    return i.complete && i.naturalWidth > 0; }).length;
-});
-"""
+@dataclass
+class Analysis:
+    """Everything the page shows, computed once from the trials."""
+
+    trials: pd.DataFrame      # every finished trial
+    chosen: pd.DataFrame      # those of the method.params selected on val, with count / unit
+    comparison: pd.DataFrame  # paired.paired_comparisons
+    bands: pd.DataFrame       # report_bands.curve_bands
+    plan: pd.DataFrame        # report_planner.plan
+    cost: pd.DataFrame        # report_cost.cost_table
+
+
+def analyse(trials: pd.DataFrame, per_image: pd.DataFrame | None = None,
+            summaries: dict[str, dict] | None = None) -> Analysis:
+    chosen = report_planner.labeled_counts(paired.select_on_val(trials), summaries or {})
+    resampled = report_bands.resample_all(chosen, per_image)
+    comparison = report.comparisons(trials, per_image)
+    return Analysis(trials, chosen, comparison, report_bands.curve_bands(chosen, per_image),
+                    report_planner.plan(chosen, resampled),
+                    report_cost.cost_table(chosen, comparison))
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Dashboard:
     trials: pd.DataFrame    # the finished trials it shows (report.finished_trials)
     logged_to: str | None   # the parent run id whose artifacts/dashboard hold a copy
     per_image: pd.DataFrame  # their per-test-image metrics (empty: CIs over seeds only)
+    plan: pd.DataFrame      # the label budgets (report_planner.plan)
+    gallery: Gallery | None  # the images and predictions shown (None: no gallery)
 
 
 def build_dashboard(uri: str, experiment: str, out_dir: Path, parent_run_id: str | None = None,
@@ -65,104 +71,72 @@ def build_dashboard(uri: str, experiment: str, out_dir: Path, parent_run_id: str
                           "metrics yet: run `semiseg sweep CONFIG` first, or check --parent/--uri")
     history = report.pseudo_histories(uri, trials)
     per_image = report.per_image_results(uri, trials)
+    summaries = tracking.json_artifacts(uri, trials["run_id"].tolist(), SPLIT_SUMMARY)
+    gallery, note = None, ""
+    try:
+        gallery = build_gallery(uri, paired.select_on_val(trials), per_image)
+    except SemisegError as exc:  # e.g. a dataset folder not on this machine: the rest stands
+        note = f"No gallery: {exc}"
     if parent_run_id is None:
         parents = tracking.parent_runs(uri, experiment)
         parent_run_id = parents["run_id"].iloc[0] if len(parents) else None
     source = f"{uri}" + (f", sweep run {parent_run_id}" if parent_run_id else "")
-    index = write_dashboard(trials, history, Path(out_dir), experiment, source, per_image)
+    analysis = analyse(trials, per_image, summaries)
+    index = write_dashboard(trials, history, Path(out_dir), experiment, source, per_image,
+                            analysis=analysis, gallery=gallery, gallery_note=note)
     if log and parent_run_id:
         tracking.RunLogger(uri, parent_run_id).log_files(index.parent, "dashboard")
-    return Dashboard(index, trials, parent_run_id if log else None, per_image)
+    return Dashboard(index, trials, parent_run_id if log else None, per_image, analysis.plan,
+                     gallery)
 
 
 def write_dashboard(trials: pd.DataFrame, history: pd.DataFrame, out_dir: Path, title: str,
-                    source: str = "", per_image: pd.DataFrame | None = None) -> Path:
+                    source: str = "", per_image: pd.DataFrame | None = None,
+                    summaries: dict[str, dict] | None = None, gallery: Gallery | None = None,
+                    analysis: Analysis | None = None, gallery_note: str = "") -> Path:
     """The page and its figures into out_dir (no MLflow); returns the index.html path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CURVES, PSEUDO, INDEX):  # a stale figure from an earlier report must not linger
+    for name in (CURVES, PSEUDO, PLANNER, GALLERY, INDEX):  # no stale figure may linger
         (out_dir / name).unlink(missing_ok=True)
-    chosen = paired.select_on_val(trials)
-    report.plot_label_efficiency(chosen, out_dir / CURVES)
-    pseudo = report.plot_pseudo_quality(history, chosen, out_dir / PSEUDO)
-    page = render_page(trials, title, source, pseudo_image=PSEUDO if pseudo else None,
-                       per_image=per_image)
+    analysis = analysis or analyse(trials, per_image, summaries)
+    report.plot_label_efficiency(analysis.chosen, out_dir / CURVES, analysis.bands)
+    figures = {
+        PSEUDO: report.plot_pseudo_quality(history, analysis.chosen, out_dir / PSEUDO),
+        PLANNER: report_planner.plot_planner(analysis.chosen, analysis.plan, out_dir / PLANNER),
+        GALLERY: plot_gallery(gallery, out_dir / GALLERY) if gallery else None,
+    }
+    page = render_page(analysis, title, source, {k for k, v in figures.items() if v}, gallery,
+                       gallery_note)
     (out_dir / INDEX).write_text(page, encoding="utf-8")
     return out_dir / INDEX
 
 
-def _table(frame: pd.DataFrame, table_id: str) -> str:
-    return frame.to_html(index=False, table_id=table_id, border=0, na_rep="-", escape=True)
-
-
-def _best_table(trials: pd.DataFrame) -> str:
-    best = report.best_configs(trials)
-    frame = pd.DataFrame({
-        "method": best["method"],
-        "label fraction": best["label_fraction"].map(report.percent),
-        "method.params": best["params"].map(lambda p: "defaults" if p in ("{}", "") else p),
-        "val Dice (selects)": best["val_mean"].map(lambda v: f"{v:.3f}" if pd.notna(v) else "-"),
-        "test Dice": [f"{m:.3f}" + (f" ± {s:.3f}" if n > 1 else "")
-                      for m, s, n in zip(best["dice_mean"], best["dice_std"], best["seeds"])],
-        "seeds": best["seeds"], "configs compared": best["configs"],
-    })
-    return _table(frame, "best-configs")
-
-
-def _paired_table(trials: pd.DataFrame, per_image: pd.DataFrame | None) -> str:
-    table = report.paired_table(report.comparisons(trials, per_image))
-    if table.empty:
-        return '<p class="note">No method to compare: supervised-only and another method are ' \
-               "needed at the same label fraction.</p>"
-    page = _table(table, "paired")
-    for verdict in ("better", "worse"):  # colour the verdict cells
-        page = page.replace(f"<td>{verdict}</td>", f'<td class="{verdict}">{verdict}</td>')
-    return page
-
-
-def render_page(trials: pd.DataFrame, title: str, source: str = "",
-                pseudo_image: str | None = None, per_image: pd.DataFrame | None = None) -> str:
-    """The whole HTML page; images are relative links to PNGs next to it."""
-    everything, trials = trials, paired.select_on_val(trials)
-    dice = report.dice_table(trials).rename(columns=lambda c: f"{report.percent(float(c))} labels")
-    full = report.full_supervision(trials)
-    gap = (f"Dashed line: supervised with every label ({full:.3f}), the level the "
-           "semi-supervised methods try to reach with fewer labels." if full is not None
-           else "No supervised run at label fraction 1.0, so no full-supervision line.")
+def render_page(analysis: Analysis, title: str, source: str = "",
+                figures: set[str] = frozenset(), gallery: Gallery | None = None,
+                gallery_note: str = "") -> str:
+    """The whole HTML page; images are relative links to the PNGs named in `figures` (and
+    label_efficiency.png) next to it."""
+    trials = analysis.chosen
     seeds = sorted(trials["seed"].unique())
-    meta = (f"{len(everything)} finished trials · methods: {', '.join(sorted(trials['method'].unique()))}"
-            f" · label fractions: {', '.join(map(report.percent, sorted(trials['label_fraction'].unique())))}"
+    meta = (f"{len(analysis.trials)} finished trials · methods: "
+            f"{', '.join(sorted(trials['method'].unique()))} · label fractions: "
+            f"{', '.join(map(report.percent, sorted(trials['label_fraction'].unique())))}"
             f" · seeds: {', '.join(map(str, seeds))} · generated {time.strftime('%Y-%m-%d %H:%M')}")
-    pseudo = (f'<img src="{pseudo_image}" alt="pseudo-label quality over epochs">' if pseudo_image
-              else '<p class="note">No trial logged pseudo-label metrics (pseudo/dice, '
-                   'pseudo/coverage): only methods that make pseudo-labels do.</p>')
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>semiseg · {html.escape(title)}</title><style>{STYLE}</style>",
-        f"<script>{IMAGES_SCRIPT}</script></head><body>",
+        f"<title>semiseg · {html.escape(title)}</title><style>{sections.STYLE}</style>",
+        f"<script>{sections.IMAGES_SCRIPT}</script></head><body>",
         f"<h1>semiseg · {html.escape(title)}</h1>",
         f'<p class="meta">{html.escape(meta)}<br>source: {html.escape(source)}</p>',
-        "<h2>Test Dice by label fraction</h2>",
-        '<p class="note">Mean over foreground classes; mean ± std over seeds (n = seeds) of the '
-        "method.params selected on val.</p>",
-        _table(dice.reset_index(), "dice-table"),
-        "<h2>Label-efficiency curves</h2>", f'<p class="note">{html.escape(gap)}</p>',
-        f'<img src="{CURVES}" alt="test Dice vs label fraction">',
-        "<h2>Paired comparison with supervised-only</h2>",
-        '<p class="note">Δ = method − supervised test Dice on the same split and seed; mean Δ '
-        "over seeds, and a bootstrap 95 % CI that resamples seeds, then the test images of each "
-        "(the same images for both). Verdict: better or worse when the CI excludes 0, else "
-        "within noise.</p>",
-        _paired_table(everything, per_image),
-        "<h2>Config selected on val per method and label fraction</h2>",
-        '<p class="note">The method.params with the highest val Dice averaged over seeds '
-        "(never chosen on test); every other table and figure shows this config.</p>",
-        _best_table(everything),
-        "<h2>Per-class test Dice and HD95</h2>",
-        '<p class="note">HD95 in pixels (lower is better); mean ± std over seeds.</p>',
-        _table(report.per_class_table(trials), "per-class"),
-        "<h2>Pseudo-label quality</h2>",
-        '<p class="note">Pseudo-labels scored against the unlabeled images\' hidden masks '
-        "on the pixels the method used, and the fraction of pixels it used; mean over seeds.</p>",
-        pseudo, "</body></html>",
+        sections.dice_section(analysis.bands, analysis.comparison),
+        sections.curves_section(trials, CURVES),
+        sections.planner_section(analysis.plan, PLANNER if PLANNER in figures else None),
+        sections.gallery_section(gallery, GALLERY if GALLERY in figures else None, gallery_note),
+        sections.paired_section(analysis.comparison),
+        sections.cost_section(analysis.cost),
+        sections.best_section(analysis.trials),
+        sections.per_class_section(trials),
+        sections.pseudo_section(PSEUDO if PSEUDO in figures else None),
+        "</body></html>",
     ]
     return "\n".join(parts) + "\n"

@@ -28,6 +28,7 @@ from semiseg.models import create_model
 from semiseg.optim import build_optimizer, build_scheduler
 from semiseg.speed import SpeedSettings, check_speed, to_channels_last
 from semiseg.trainer import LoopSettings, RandomStreams, Trainer, TrainingDiverged
+from semiseg.volume_metrics import VolumeLayout
 
 __all__ = ["CHECKPOINT_FILE", "Callback", "FitResult", "LoopSettings", "RandomStreams", "Trainer",
            "TrainingDiverged", "build_trainer", "fit", "resolve_device"]
@@ -44,12 +45,18 @@ class FitResult:
     best_epoch: int
     best_val_dice: float
     test_metrics: dict[str, float]
-    """test/... for the model selected on val; test_final/... for the last epoch's model."""
+    """test/... for the model selected on val; test_final/... for the last epoch's model. For a
+    volume dataset these are per 3D case (Dice, IoU, HD95 in mm), and test2d/..., test_final2d/...
+    the per-slice scores (semiseg.volume_metrics); model selection uses val/dice_mean, per case
+    there too."""
     examples: list[dict[str, Any]] = field(default_factory=list)
     """The first test images (id, image, mask, pred arrays) for overlays."""
     per_image: list[dict[str, Any]] = field(default_factory=list)
     """Per test image, for paired statistics: {"id", "dice/<class>" per foreground class,
     "dice_mean"} of the selected model; NaN where the image excludes a class (semiseg.metrics)."""
+    per_case: list[dict[str, Any]] = field(default_factory=list)
+    """Volume datasets: per test case of the selected model, {"case", "slices", "spacing_mm",
+    "dice/<class>", "iou/<class>", "hd95/<class>" (mm), "dice_mean", "hd95_mean"}."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,9 +80,11 @@ def build_trainer(cfg: Config, data: SegData, split: Split, device: torch.device
     loop = LoopSettings(t.epochs, t.steps_per_epoch, t.grad_clip, t.amp, cfg.tracking.overlays,
                         cfg.config_hash(), rank, speed)
     model, method, ambient = _seeded_model_and_method(cfg, data.num_classes, device, wrap_model,
-                                                      loop.total_steps)
+                                                      loop.total_steps, data.in_channels)
     tensors = split_tensors(data, split, device)
-    optimizer = build_optimizer(model.parameters(), cfg.train)
+    optimizer = build_optimizer(
+        [*model.parameters(), *(p for m in method.trained_modules() for p in m.parameters())],
+        cfg.train)
     seed, size = cfg.train.seed * 1000 + rank, cfg.data.batch_size
     streams = RandomStreams(RandomBatches(len(tensors.labeled), size, seed),
                             RandomBatches(max(1, len(tensors.unlabeled)), size, seed + 1),
@@ -83,19 +92,21 @@ def build_trainer(cfg: Config, data: SegData, split: Split, device: torch.device
                             strong=torch.Generator().manual_seed(seed + 3), ambient=ambient)
     return Trainer(model, method, tensors, optimizer,
                    build_scheduler(optimizer, cfg.train, loop.total_steps), streams,
-                   data.classes, data.ids, loop)
+                   data.classes, data.ids, loop, VolumeLayout.from_data(data))
 
 
 def _seeded_model_and_method(cfg: Config, num_classes: int, device: torch.device,
                              wrap_model: Callable[[nn.Module], nn.Module] | None,
-                             total_steps: int) -> tuple[nn.Module, Method, list[Tensor]]:
+                             total_steps: int,
+                             in_channels: int = 1) -> tuple[nn.Module, Method, list[Tensor]]:
     """Model and method built under torch's global RNG seeded with train.seed, in a fork of it:
     the caller's RNG is untouched. Also returns the state that fork ends in, and a CUDA state
     seeded the same way, as the RNG the method draws from in training (RandomStreams.ambient)."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(cfg.train.seed)
-        model = create_model(cfg.model.name, 1, num_classes, cfg.model.base_channels,
-                             cfg.model.depth).to(device)
+        options = METHODS.get(cfg.method.name).model_options(dict(cfg.method.params))
+        model = create_model(cfg.model.name, in_channels, num_classes, cfg.model.base_channels,
+                             cfg.model.depth, **options).to(device)
         if cfg.train.channels_last:  # before DDP and before teachers are copied from it
             model = to_channels_last(model)
         model = wrap_model(model) if wrap_model else model
@@ -161,7 +172,7 @@ def _test(trainer: Trainer) -> FitResult:
     ]
     return FitResult(trainer.state.best_epoch, trainer.state.best_val_dice,
                      {**selected.metrics, **final}, examples,
-                     _per_image(ids, trainer.classes, selected.dice))
+                     _per_image(ids, trainer.classes, selected.dice), selected.cases)
 
 
 def _per_image(ids: list[str], classes: list[str], dice: np.ndarray) -> list[dict[str, Any]]:

@@ -70,13 +70,42 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return binary_erosion(mask) ^ mask
 
 
-def _directed_percentile(from_edges: np.ndarray, to_edges: np.ndarray) -> float:
+def _directed_percentile(from_edges: np.ndarray, to_edges: np.ndarray,
+                         spacing: tuple[float, ...] | None = None) -> float:
     """95th percentile (np.percentile linear interpolation, as torch.quantile in MONAI) of
-    the Euclidean distances from every pixel of ``from_edges`` to the nearest of ``to_edges``."""
+    the Euclidean distances from every pixel of ``from_edges`` to the nearest of ``to_edges``,
+    in units of ``spacing`` per axis (None: pixels)."""
     # EDT of the complement is exact: distance from each pixel to the nearest zero, i.e. to
     # the nearest edge pixel of the other shape (MONAI uses a KD-tree; same distances).
-    dist = distance_transform_edt(~to_edges)[from_edges]
+    dist = distance_transform_edt(~to_edges, sampling=spacing)[from_edges]
     return float(np.percentile(dist, _HD_PERCENTILE))
+
+
+def hd95(pred_mask: np.ndarray, target_mask: np.ndarray,
+         spacing: tuple[float, ...] | None = None) -> float:
+    """Symmetric HD95 between two non-empty boolean masks of any dimension (2D slices, 3D
+    cases), in the units of ``spacing`` (one voxel size per axis, e.g. mm; None: voxels).
+
+    Same definition as the 2D scores here, and as MONAI's
+    compute_hausdorff_distance(percentile=95, spacing=...): edges are the mask XOR its erosion
+    with scipy's default cross (4-connected in 2D, 6-connected in 3D), distances are from
+    scipy's EDT with ``sampling=spacing``, and the result is the larger directed percentile.
+    Both masks must hold foreground (the empty cases are each caller's convention)."""
+    if pred_mask.shape != target_mask.shape:
+        raise ValueError(f"hd95: masks {pred_mask.shape} and {target_mask.shape} differ in shape")
+    if spacing is not None and len(spacing) != pred_mask.ndim:
+        raise ValueError(f"hd95: spacing {tuple(spacing)} has {len(spacing)} entries; expected "
+                         f"one per axis of the {pred_mask.ndim}D masks")
+    if not (pred_mask.any() and target_mask.any()):
+        raise ValueError("hd95: both masks must hold foreground; an empty mask has no distance")
+    # The crop of _hd95, along every axis: nothing outside the union's box is foreground.
+    union = pred_mask | target_mask
+    box = tuple(slice(idx[0], idx[-1] + 1) for idx in
+                (np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != ax)))
+                 for ax in range(union.ndim)))
+    edges_p, edges_t = _edges(pred_mask[box]), _edges(target_mask[box])
+    return max(_directed_percentile(edges_p, edges_t, spacing),
+               _directed_percentile(edges_t, edges_p, spacing))
 
 
 def _hd95(pred_mask: np.ndarray, target_mask: np.ndarray) -> float:

@@ -33,7 +33,8 @@ def finished_trials(uri: str, experiment: str, parent_run_id: str | None = None,
 
 
 def trials_from_runs(runs: pd.DataFrame, config_hashes: Iterable[str] | None = None) -> pd.DataFrame:
-    """One row per finished trial: BASE columns, then every metric under its logged name."""
+    """One row per finished trial: BASE columns, run_params (its params as {key: str}), then
+    every metric under its logged name."""
     if runs.empty or DICE not in runs:
         return pd.DataFrame(columns=BASE)
     keep = (runs["status"] == "FINISHED") & runs[DICE].notna()
@@ -51,6 +52,11 @@ def trials_from_runs(runs: pd.DataFrame, config_hashes: Iterable[str] | None = N
         "params": [method_params(row) for _, row in runs.iterrows()],
         "dice": runs[DICE].astype(float),
     })
+    # The whole logged config, for what rebuilds a trial's data and model (report_gallery)
+    # and reads its Ray resources; not a column per param, which would bury the metrics.
+    base["run_params"] = [{k[len("params."):]: v for k, v in row.items()
+                           if k.startswith("params.") and isinstance(v, str)}
+                          for _, row in runs.iterrows()]
     return pd.concat([base, metrics], axis=1).reset_index(drop=True)
 
 
@@ -211,22 +217,30 @@ def percent(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
-def plot_label_efficiency(trials: pd.DataFrame, path: Path) -> Path:
-    """Test Dice vs label fraction (log x), one line per method, ± std over seeds as error bars
-    and a band; full supervision as a dashed horizontal line."""
+def plot_label_efficiency(trials: pd.DataFrame, path: Path,
+                          bands: pd.DataFrame | None = None) -> Path:
+    """Test Dice vs label fraction (log x), one line per method; with `bands`
+    (report_bands.curve_bands) the mean over seeds with its bootstrap 95 % CI as error bars and
+    a band, else ± std over seeds; full supervision as a dashed horizontal line."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
     fig = _figure(7.5, 4.2)
     ax = fig.add_subplot()
     stats = summary(trials)
+    if bands is not None:
+        stats = stats.merge(bands[["method", "label_fraction", "ci_low", "ci_high"]],
+                            on=["method", "label_fraction"], how="left")
+    else:
+        stats = stats.assign(ci_low=stats["mean"] - stats["std"], ci_high=stats["mean"] + stats["std"])
     colors = _colors(stats["method"])
     markers = dict(zip(colors, "osD^vP*X"))  # so that coinciding lines stay distinguishable
     for method, s in stats.groupby("method"):
         s = s.sort_values("label_fraction")
-        x, mean, std = s["label_fraction"], s["mean"], s["std"]
-        ax.errorbar(x, mean, yerr=std, marker=markers[method], ms=6, capsize=3, alpha=0.9,
-                    color=colors[method], label=method)
-        ax.fill_between(x, mean - std, mean + std, color=colors[method], alpha=0.15, lw=0)
+        x, mean = s["label_fraction"], s["mean"]
+        low, high = s["ci_low"].fillna(mean), s["ci_high"].fillna(mean)  # no CI: the point alone
+        ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker=markers[method], ms=6,
+                    capsize=3, alpha=0.9, color=colors[method], label=method)
+        ax.fill_between(x, low, high, color=colors[method], alpha=0.15, lw=0)
     full = full_supervision(trials)
     if full is not None:
         ax.axhline(full, ls="--", lw=1.2, color="0.35", label=f"full supervision ({full:.3f})")
@@ -239,7 +253,8 @@ def plot_label_efficiency(trials: pd.DataFrame, path: Path) -> Path:
         ax.set_xlim(fractions[0] / 2, min(fractions[0] * 2, 2.0))
     ax.set_xlabel("labeled fraction of the training images (log scale)")
     ax.set_ylabel("test Dice (mean over foreground classes)")
-    ax.set_title("Label efficiency: mean ± std over seeds")
+    ax.set_title("Label efficiency: mean over seeds, " + (
+        "bootstrap 95 % CI (seeds × test images)" if bands is not None else "± std"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.savefig(path)

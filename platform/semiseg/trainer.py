@@ -10,7 +10,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from semiseg.methods.common import unwrap
 from semiseg.metrics import MetricAccumulator
 from semiseg.pseudo_quality import PseudoLabelScore
 from semiseg.speed import CompiledStep, SpeedSettings, batch_layout, check_speed, compile_networks
+from semiseg.volume_metrics import VolumeLayout, volume_metrics
 
 
 class TrainingDiverged(SemisegError):
@@ -86,6 +87,8 @@ class Scores:
     metrics: dict[str, float]
     pred: Tensor           # (n, H, W) predicted labels
     dice: np.ndarray       # (n, C - 1) per-image Dice of each foreground class
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    """Volume datasets: one row per case (semiseg.volume_metrics); empty for 2D datasets."""
 
 
 class Trainer:
@@ -98,8 +101,9 @@ class Trainer:
     def __init__(self, model: nn.Module, method: Method, tensors: SplitTensors,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  streams: RandomStreams, classes: Sequence[str], ids: Sequence[str],
-                 loop: LoopSettings) -> None:
+                 loop: LoopSettings, volumes: VolumeLayout | None = None) -> None:
         self.model, self.method, self.tensors = model, method, tensors
+        self.volumes = volumes  # set: val and test are scored per 3D case (evaluate)
         self.optimizer, self.scheduler, self.streams = optimizer, scheduler, streams
         self.classes, self.ids, self.loop = list(classes), ids, loop
         self.device = tensors.labeled.images.device
@@ -108,6 +112,8 @@ class Trainer:
         speed = loop.speed
         check_speed(speed, self.device)
         self._layout = batch_layout(speed)
+        labeled = tensors.labeled
+        method.set_labeled_set(self._layout(labeled.images), labeled.masks, labeled.index)
         # Eager: looked up at each call, so the method's step can be wrapped after the build
         # (the hidden-mask leak test records what it receives that way).
         self._training_step: Callable[..., StepOutput] = (
@@ -222,7 +228,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.loop.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.grad_clip)
+            owned = (p for m in self.method.trained_modules() for p in m.parameters())
+            nn.utils.clip_grad_norm_([*self.model.parameters(), *owned], self.loop.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.method.after_optimizer_step(step)
@@ -256,8 +263,16 @@ class Trainer:
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
     def evaluate(self, part: Subset, prefix: str) -> Scores:
+        """Scores under `prefix/` (val, test, test_final): per 2D image, or for a volume dataset
+        per 3D case, with the 2D scores kept under `prefix2d/` (semiseg.volume_metrics)."""
         pred = self.predict(unwrap(self.method.eval_model()), part.images)
         acc = MetricAccumulator(self.classes)
-        acc.update(pred.cpu(), part.masks.cpu())
-        metrics = {f"{prefix}/{k}": v for k, v in acc.compute().items()}
-        return Scores(metrics, pred, acc.per_image("dice"))
+        pred_cpu, masks = pred.cpu(), part.masks.cpu()
+        acc.update(pred_cpu, masks)
+        if self.volumes is None:
+            metrics = {f"{prefix}/{k}": v for k, v in acc.compute().items()}
+            return Scores(metrics, pred, acc.per_image("dice"))
+        per_case, cases = volume_metrics(pred_cpu, masks, part.index, self.volumes, self.classes)
+        metrics = {f"{prefix}/{k}": v for k, v in per_case.items()}
+        metrics.update({f"{prefix}2d/{k}": v for k, v in acc.compute().items()})
+        return Scores(metrics, pred, acc.per_image("dice"), cases)

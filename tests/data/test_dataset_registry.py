@@ -40,11 +40,18 @@ def _nifti(root: Path) -> DataConfig:
     return DataConfig(name="nifti", root=str(root), image_size=16)
 
 
+def _nnunet(root: Path) -> DataConfig:
+    from tests.conftest import write_nnunet_dataset
+
+    return DataConfig(name="nnunet", root=str(write_nnunet_dataset(root / "d", cases=6, channels=("CT",))), image_size=8)
+
+
 CASES: dict[str, Callable[[Path], DataConfig]] = {
     "synthetic": lambda _: DataConfig(name="synthetic", image_size=32, num_images=30),
     "mni-tissue": lambda _: DataConfig(name="mni-tissue", image_size=32),
     "folder": _folder,
     "nifti": _nifti,
+    "nnunet": _nnunet,
 }
 
 

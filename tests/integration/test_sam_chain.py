@@ -39,6 +39,9 @@ def test_sam_refined_chain_is_one_tracked_trial(ray_local, tiny_config, tmp_path
     assert "pseudo/dice" in run.data.metrics  # the final training scored its fixed pseudo-labels
     rows = client.list_artifacts(run.info.run_id, "pseudolabels/round0/rows")
     assert len(rows) > 0
+    for key in ("use_sam", "dice_coarse", "dice_sam", "dice_gated"):  # the gate's val decision
+        assert f"sam/gate/heart/{key}" in run.data.metrics, key
+    assert client.list_artifacts(run.info.run_id, "pseudolabels/round0/gate")  # gate.json
     checkpoint = tracking.download_checkpoint(uri, run.info.run_id)
     model = load_coarse_model(checkpoint, cfg.model, 4)
     assert isinstance(model, torch.nn.Module)

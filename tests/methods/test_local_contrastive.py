@@ -1,192 +1,240 @@
-"""Local contrastive: the pixel contrastive loss on hand-built embeddings, per-class sampling,
-and the self-training rounds (when the pseudo-labeller is refreshed, and that it then holds the
-model's weights)."""
+"""Local contrastive (Chaitanya et al.): the pixel-to-class-mean loss on hand-built embeddings
+(exact value, background and sparse classes left out, unlabeled pixels ignored), the stages
+(baseline -> rounds, each reading the previous checkpoint), how a round starts from and labels
+with its init checkpoint, the cleaning filter, and the projection head and g_xi convolutions
+trained through the engine's optimizer."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from semiseg.methods import Batch
-from semiseg.methods.local_contrastive import (
-    LocalContrastive, LocalContrastiveConfig, pixel_contrastive_loss, sample_per_class_pixels,
-)
-from semiseg.models import create_model
-
+from semiseg.checkpoint_io import CHECKPOINT_FILE
+from semiseg.config import Config, MethodConfig, load_config
+from semiseg.data import load_dataset
+from semiseg.data.splits import make_split
+from semiseg.engine import build_trainer
+from semiseg.errors import ConfigError, SemisegError
+from semiseg.methods import Batch, TrainStage
+from semiseg.methods.local_contrastive import (LocalContrastive, LocalContrastiveConfig,
+                                               flip_agreement)
+from semiseg.methods.local_contrastive_loss import local_contrastive_loss
+from semiseg.methods.stages import check_stages
+from semiseg.models import create_model, model_options
+from semiseg.pseudo_quality import PseudoLabelScore
+from semiseg.sam.coarse import load_coarse_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-
-def clustered(per_class: int = 20, classes: int = 3, dim: int = 16, noise: float = 0.05,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    centroids = torch.nn.functional.normalize(torch.randn(classes, dim, generator=g), dim=1)
-    labels = torch.arange(classes).repeat_interleave(per_class)
-    feats = centroids[labels] + noise * torch.randn(len(labels), dim, generator=g)
-    return feats, labels
+FG = torch.tensor([1, 2])
 
 
-def test_clustered_embeddings_score_lower_than_shuffled_labels() -> None:
-    feats, labels = clustered()
-    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
-    assert (shuffled != labels).float().mean() > 0.3
-    good = pixel_contrastive_loss(feats, labels, temperature=0.1)
-    bad = pixel_contrastive_loss(feats, shuffled, temperature=0.1)
-    assert torch.isfinite(good) and torch.isfinite(bad)
-    assert good < bad - 1.0, (good, bad)
+def two_class_maps(dim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 4x4 image: left half class 1 embedded on axis 0, right half class 2 on axis 1."""
+    labels = torch.ones(1, 4, 4, dtype=torch.long)
+    labels[..., 2:] = 2
+    z = torch.zeros(1, dim, 4, 4)
+    z[:, 0, :, :2], z[:, 1, :, 2:] = 1.0, 1.0
+    return z, labels
 
 
-def test_exact_value_on_orthogonal_clusters() -> None:
-    """m identical pixels per class on orthogonal axes: for every anchor the m - 1 positives have
-    cosine 1 and the (K - 1) m negatives cosine 0, so the loss is
-    -log(e^(1/T) / ((m-1) e^(1/T) + (K-1) m)) = log(m - 1 + (K - 1) m e^(-1/T)).
-    The features are scaled per pixel: the loss must not depend on feature length."""
-    m, k = 5, 3
-    labels = torch.arange(k).repeat_interleave(m)
-    feats = torch.eye(4)[labels] * torch.linspace(0.5, 3.0, len(labels))[:, None]
-    for t in (0.05, 0.1, 0.5, 1.0):
-        expected = math.log(m - 1 + (k - 1) * m * math.exp(-1 / t))
-        assert pixel_contrastive_loss(feats, labels, t).item() == pytest.approx(expected, rel=1e-5)
+def loss(z1, y1, z2, y2, classes=FG, t=0.1, positives=3, min_pixels=1):
+    return local_contrastive_loss(z1, y1, z2, y2, classes, t, positives, min_pixels)
 
 
-def test_lower_temperature_sharpens() -> None:
-    """Lower temperature sharpens the softmax over pixels. With clustered embeddings the loss
-    then falls toward its floor, log(#positives) = log(19) here (all the mass on positives,
-    shared evenly); with shuffled labels (half the "positives" far away) it rises."""
-    feats, labels = clustered(noise=0.02)
-    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
-    temps = [1.0, 0.5, 0.2, 0.1, 0.05]
-    good = [pixel_contrastive_loss(feats, labels, t).item() for t in temps]
-    bad = [pixel_contrastive_loss(feats, shuffled, t).item() for t in temps]
-    assert all(a > b for a, b in zip(good, good[1:])), good
-    assert all(a < b for a, b in zip(bad, bad[1:])), bad
-    floor = math.log(20 - 1)
-    assert good[-1] == pytest.approx(floor, abs=0.05)
-    assert all(v >= floor - 1e-3 for v in good)
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_exact_value_on_orthogonal_classes(t: float) -> None:
+    """Both images of the pair alike, classes on orthogonal axes: every anchor has cosine 1 with
+    its class mean in each image and 0 with the other class's, so
+    l = 2 (log(2 e^(1/t) + 2) - 1/t) = 2 log(2 + 2 e^(-1/t)). Lengths must not matter."""
+    z, y = two_class_maps()
+    value, count = loss(z * 3.0, y, z * 0.5, y, t=t)
+    assert count == 2 * 2 * 3  # 2 images x 2 classes x 3 anchors
+    assert value.item() == pytest.approx(2 * math.log(2 + 2 * math.exp(-1 / t)), rel=1e-5)
 
 
-def test_no_positives_gives_zero_with_finite_zero_gradient() -> None:
-    feats = torch.randn(3, 8, requires_grad=True)
-    loss = pixel_contrastive_loss(feats, torch.tensor([0, 1, 2]), temperature=0.1)
-    assert loss.dim() == 0 and loss.item() == 0.0
-    loss.backward()
-    assert feats.grad is not None and torch.equal(feats.grad, torch.zeros_like(feats))
+def test_matching_pairs_score_lower_than_swapped_classes() -> None:
+    z, y = two_class_maps()
+    swapped = 3 - y  # the other image calls class 1 what this one calls 2
+    good, _ = loss(z, y, z, y)
+    bad, _ = loss(z, y, z, swapped)
+    assert good < bad - 5.0, (good, bad)
 
 
-def test_single_pixel_and_single_class_edge_cases() -> None:
-    one = torch.randn(1, 8, requires_grad=True)
-    loss = pixel_contrastive_loss(one, torch.tensor([0]), 0.1)
-    assert loss.item() == 0.0
-    loss.backward()
-    assert torch.isfinite(one.grad).all()
+def test_background_and_unlabeled_pixels_are_left_out() -> None:
+    """Class 0 (not in `classes`) and -1 pixels neither anchor nor enter a mean: whatever their
+    embeddings, the loss is the two-class value; asked to contrast class 0, it changes."""
+    z, y = two_class_maps()
+    z, y = torch.cat([z, torch.randn(1, 4, 4, 4)], -1), torch.cat([y, torch.zeros(1, 4, 4).long()], -1)
+    expected = 2 * math.log(2 + 2 * math.exp(-10))
+    assert loss(z, y, z, y)[0].item() == pytest.approx(expected, rel=1e-5)
+    unlabeled = y.masked_fill(y == 0, -1)
+    assert loss(z, unlabeled, z, unlabeled)[0].item() == pytest.approx(expected, rel=1e-5)
+    with_background, _ = loss(z, y, z, y, classes=torch.tensor([0, 1, 2]))
+    assert with_background.item() != pytest.approx(expected, rel=1e-3)
 
 
-def test_anchors_without_positives_are_left_out() -> None:
-    """Class 2 has one pixel (no positive): the loss averages over the other anchors only, but
-    that pixel still acts as a negative for them; gradients are finite everywhere."""
-    feats, labels = clustered(per_class=4, classes=3)
-    feats = feats[:9].clone().requires_grad_(True)    # 4 of class 0, 4 of class 1, 1 of class 2
-    labels = labels[:9]
-    loss = pixel_contrastive_loss(feats, labels, 0.1)
-    assert torch.isfinite(loss) and loss > 0
-    loss.backward()
-    assert torch.isfinite(feats.grad).all()
-    assert feats.grad[8].abs().sum() > 0  # the lone pixel is still a negative
-    # same value as computed by hand over the 8 anchors with positives
-    z = torch.nn.functional.normalize(feats.detach(), dim=1)
-    logits = z @ z.T / 0.1
-    logits.fill_diagonal_(float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, 1, keepdim=True)
-    per_anchor = [-log_prob[i, [j for j in range(9) if j != i and labels[j] == labels[i]]].mean()
-                  for i in range(8)]
-    assert loss.item() == pytest.approx(torch.stack(per_anchor).mean().item(), rel=1e-5)
+def test_class_enters_only_where_both_images_have_enough_pixels() -> None:
+    """The second image has 2 pixels of class 2: with min_pixels 3 only class 1 is contrasted,
+    so D holds one mean per image: l = 2 log(2) for every class-1 anchor (6 of them)."""
+    z, y = two_class_maps()
+    y2 = y.clone()
+    y2[0, :, 2:] = 1
+    y2[0, 0, 2:] = 2
+    z2 = z.clone()
+    z2[:, :, :, 2:] = 0
+    z2[:, 0, 1:, 2:] = 1.0
+    value, count = loss(z, y, z2, y2, min_pixels=3)
+    assert count == 6
+    assert value.item() == pytest.approx(2 * math.log(2), rel=1e-5)
 
 
-def test_sample_per_class_caps_each_class() -> None:
-    labels = torch.cat([torch.zeros(100), torch.ones(10), torch.full((3,), 2)]).long()
-    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
-    labels = labels.view(1, 1, len(labels))             # (B, H, W)
-    feats = torch.randn(1, 4, 1, labels.shape[-1])
-    feats[:, 0] = labels.float() * 1000 + torch.arange(labels.shape[-1]).float()  # label + position
-    out, out_labels = sample_per_class_pixels(feats, labels, per_class=8)
-    assert torch.bincount(out_labels).tolist() == [8, 8, 3]
-    assert out.shape == (19, 4)
-    # each row is a real pixel of its class, none drawn twice
-    pos = (out[:, 0] % 1000).long()
-    assert torch.equal(labels.view(-1)[pos], out_labels)
-    assert torch.equal((out[:, 0] // 1000).long(), out_labels)
-    assert len(pos.unique()) == len(pos)
-    everything, _ = sample_per_class_pixels(feats, labels, per_class=1000)
-    assert len(everything) == labels.numel()
+def test_no_contrastable_class_gives_a_zero_that_keeps_the_graph() -> None:
+    z = torch.randn(2, 4, 4, 4, requires_grad=True)
+    value, count = loss(z, torch.zeros(2, 4, 4).long(), z, torch.zeros(2, 4, 4).long())
+    assert count == 0 and value.item() == 0.0
+    value.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
 
 
-def test_sample_per_class_keeps_gradient_path() -> None:
-    feats = torch.randn(2, 3, 4, 4, requires_grad=True)
-    out, _ = sample_per_class_pixels(feats, torch.randint(0, 2, (2, 4, 4)), 5)
-    out.sum().backward()
-    assert feats.grad.abs().sum() > 0
+# ---- stages, init checkpoint, labeller --------------------------------------------------------
 
 
-# ---- self-training rounds --------------------------------------------------------------------
+def test_stages_baseline_then_rounds_each_reading_the_previous() -> None:
+    cfg = Config(method=MethodConfig("local_contrastive", {"rounds": 2, "temperature": 0.2}))
+    stages = LocalContrastive.stages(cfg)
+    check_stages(stages, "local_contrastive")
+    assert [(s.method, s.name, s.inputs) for s in stages] == [
+        ("supervised", "baseline", {}),
+        ("local_contrastive", "round0", {"init": "baseline"}),
+        ("local_contrastive", "round1", {"init": "round0"}),
+    ]
+    assert all(isinstance(s, TrainStage) for s in stages)
+    assert stages[-1].params == {"rounds": 2, "temperature": 0.2}
 
 
-def build(**params) -> LocalContrastive:
-    torch.manual_seed(0)
-    model = create_model("unet", 1, 3, base_channels=4, depth=2)
-    return LocalContrastive(model, LocalContrastiveConfig(**params), 3)
+def save(folder: Path, model: nn.Module) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    # the final weights as `model`, the val-selected ones as `best_model`: the latter must be used
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
+                "best_model": model.state_dict()}, folder / CHECKPOINT_FILE)
+    return str(folder)
 
 
-def states_equal(a: dict, b: dict) -> bool:
+def unet(seg_convs: bool, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model("unet", 1, 3, base_channels=4, depth=2, seg_convs=seg_convs)
+
+
+def build(init: str, seg_convs: bool = True, **params) -> LocalContrastive:
+    return LocalContrastive(unet(seg_convs, 0), LocalContrastiveConfig(init=init, **params), 3)
+
+
+def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_refresh_schedule_and_labeller_weights() -> None:
-    method = build(refresh_epochs=2, rounds=2)
-    model = method.model
-    assert all(not p.requires_grad for p in method.labeller.parameters())
-    refreshed, snapshot = [], None
-    for epoch in range(8):
-        with torch.no_grad():  # the model "trains" between epochs: every weight moves
-            for p in model.parameters():
-                p.add_(0.01 * (epoch + 1))
-            for name, b in model.named_buffers():
-                if b.is_floating_point():
-                    b.add_(0.5)
-        before = {k: v.clone() for k, v in method.labeller.state_dict().items()}
-        method.on_epoch_start(epoch)
-        after = method.labeller.state_dict()
-        if not states_equal(before, after):
-            refreshed.append(epoch)
-            # right after a refresh the labeller holds exactly the model's weights and buffers
-            assert states_equal(after, model.state_dict())
-            snapshot = {k: v.clone() for k, v in after.items()}
-        elif snapshot is not None:
-            assert states_equal(after, snapshot)
-            assert not states_equal(after, model.state_dict())  # fixed, not following the model
-    assert refreshed == [2, 4]
-    assert method.refreshes == 2
-    # a copy, not an alias of the model's tensors
-    ptrs = {p.data_ptr() for p in model.parameters()}
-    assert not any(p.data_ptr() in ptrs for p in method.labeller.parameters())
-
-
-def test_pseudo_labels_used_only_after_first_refresh() -> None:
-    method = build(refresh_epochs=1, rounds=3, samples_per_class=16)
-    method.model.train()
-    g = torch.Generator().manual_seed(0)
-    img = torch.randn(2, 1, 16, 16, generator=g)
-    labeled = Batch(img, img, torch.randint(0, 3, (2, 16, 16), generator=g), torch.arange(2))
-    u = torch.randn(2, 1, 16, 16, generator=g)
-    unlabeled = Batch(u, u + 1.0, None, torch.arange(2, 4))
-    method.on_epoch_start(0)
-    out = method.training_step(labeled, unlabeled, 0)
-    assert out.pseudo_label is None and out.logs["rounds_done"] == 0.0
-    method.on_epoch_start(1)
-    out = method.training_step(labeled, unlabeled, 1)
-    assert out.logs["rounds_done"] == 1.0
+def test_round_from_baseline_keeps_fresh_head_and_labels_with_the_baseline(tmp_path: Path) -> None:
+    baseline = unet(False, 1)
+    method = build(save(tmp_path / "baseline", baseline))
+    student, fresh = method.model.state_dict(), unet(True, 0).state_dict()
+    for key, value in student.items():
+        expected = fresh[key] if key.startswith("head.") else baseline.state_dict()[key]
+        assert torch.equal(value, expected), key
+    assert model_options(student) == {"seg_convs": True}
+    assert same(method.labeller.state_dict(), baseline.state_dict())  # no g_xi: the baseline's net
+    assert not method.labeller.training
+    assert not any(p.requires_grad for p in method.labeller.parameters())
+    x = torch.randn(2, 1, 16, 16)
+    unlabeled = Batch(x, x, None, torch.arange(2))
     with torch.no_grad():
-        method.labeller.eval()
-        expected = method.labeller(unlabeled.image).argmax(1)  # the weak view, labeller in eval
-    assert torch.equal(out.pseudo_label, expected)
+        assert torch.equal(method.pseudo_labels(unlabeled), baseline.eval()(x).argmax(1))
+
+
+def test_later_round_starts_from_the_whole_previous_model(tmp_path: Path) -> None:
+    previous = unet(True, 2)
+    method = build(save(tmp_path / "round0", previous))
+    assert same(method.model.state_dict(), previous.state_dict())
+    assert same(method.labeller.state_dict(), previous.state_dict())
+
+
+def test_init_is_required_and_must_fit_the_model(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs method.params.init"):
+        build("")
+    other = create_model("unet", 1, 3, base_channels=8, depth=2)
+    with pytest.raises(SemisegError, match="does not fit the model|size mismatch"):
+        build(save(tmp_path / "other", other))
+    with pytest.raises(SemisegError, match="checkpoint not found"):
+        build(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="method.params.rounds=0"):
+        LocalContrastiveConfig(rounds=0)
+
+
+def test_coarse_loader_rebuilds_a_model_with_seg_convs(tmp_path: Path) -> None:
+    """Any checkpoint loader (SAM's coarse model, the logged MLflow model) reads g_xi off the
+    weights, whichever method asked for it."""
+    model = unet(True, 3)
+    folder = save(tmp_path / "lc", model)
+    cfg = load_config(None, ["model.base_channels=4", "model.depth=2"])
+    loaded = load_coarse_model(folder, cfg.model, 3)
+    assert same(loaded.state_dict(), model.state_dict())
+
+
+class ThreeClass(nn.Module):
+    """Labels 1 / 2 by the sign of each pixel (`shift` 0, flip-equivariant) or of its left
+    neighbour (`shift` 1, not: a flip moves the neighbour to the right)."""
+
+    def __init__(self, shift: int) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.roll(self.shift, -1)
+        return torch.cat([torch.full_like(x, -9.0), -x, x], 1)
+
+
+def test_flip_agreement_cleaning(tmp_path: Path) -> None:
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for shift, agrees in ((0, True), (1, False)):
+        labeller = ThreeClass(shift)
+        labels = labeller(x).argmax(1)
+        agreement = flip_agreement(labeller, x, labels, 3)
+        assert torch.equal(agreement, torch.ones(3)) if agrees else agreement.max() < 0.9
+        method = build(save(tmp_path / "m", unet(True, 0)), min_agreement=0.9)
+        method.labeller = labeller
+        kept = method.pseudo_labels(Batch(x, x, None, torch.arange(3)))
+        assert torch.equal(kept, labels if agrees else torch.full_like(labels, -1))
+
+
+# ---- through the engine: g_xi in the model, the projection head in the optimizer ----------------
+
+
+def test_projection_head_and_seg_convs_train_through_the_engine(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.image_size=32", "data.num_images=24", "data.batch_size=2",
+                             "model.base_channels=4", "model.depth=2", "train.device=cpu",
+                             "data.label_fraction=0.25", "train.grad_clip=1.0"])
+    data = load_dataset(cfg.data)
+    split = make_split(data, cfg.data, 0)
+    baseline = create_model("unet", 1, data.num_classes, base_channels=4, depth=2)
+    with torch.no_grad():  # a labeller that predicts several classes, as a trained one does
+        baseline.head.bias.zero_()
+        baseline.head.weight.mul_(30.0)
+    cfg.method.name = "local_contrastive"
+    cfg.method.params = {"init": save(tmp_path / "baseline", baseline), "contrastive_weight": 1.0}
+    trainer = build_trainer(cfg, data, split, torch.device("cpu"))
+    method = trainer.method
+    assert model_options(trainer.model.state_dict()) == {"seg_convs": True}
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    head = list(method.projection.parameters())
+    assert head and all(id(p) in in_optimizer for p in head)
+    before = [p.detach().clone() for p in head]
+    seg_convs = trainer.model.head[0][0].weight.detach().clone()
+    logs = trainer.train_step(0, PseudoLabelScore(data.num_classes))
+    assert logs["loss_unsup"] > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    assert all(not torch.equal(a, p) for a, p in zip(before, head))  # the optimizer moved them
+    assert not torch.equal(seg_convs, trainer.model.head[0][0].weight)

@@ -1,15 +1,20 @@
-"""Low-confidence consistency and class separation: the tau mask at its extremes and on
-hand-made probabilities, class means and the prototype EMA on hand-built features."""
+"""Low-confidence consistency and class separation: the tau mask and schedule on hand-made
+values, that each loss counts exactly the pixels its mask claims under both normalisations, the
+reduction to mean_teacher, and class means and the prototype EMA on hand-built features."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+from semiseg.errors import ConfigError
 from semiseg.methods import Batch
 from semiseg.methods.low_confidence import (
-    LowConfidence, LowConfidenceConfig, class_means, low_confidence_mask,
+    LowConfidence, LowConfidenceConfig, class_means, low_confidence_mask, threshold_at,
 )
+from semiseg.methods.mean_teacher import MeanTeacher, MeanTeacherConfig
 from semiseg.models import create_model
 
 K = 3
@@ -48,46 +53,107 @@ def teacher_probs(method: LowConfidence, unlabeled: Batch) -> torch.Tensor:
         return method.teacher(unlabeled.image).float().softmax(1)
 
 
+def student(method: LowConfidence, unlabeled: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return method.model(unlabeled.strong, return_features=True)
+
+
+def test_threshold_schedule_interpolates_the_margin_geometrically() -> None:
+    assert threshold_at(0.8, 0.999, 0.0) == 0.8
+    assert threshold_at(0.8, 0.999, 1.0) == 0.999
+    assert threshold_at(0.8, 0.999, 0.5) == pytest.approx(1 - (0.2 * 0.001) ** 0.5)
+    assert threshold_at(0.8, 0.999, -1.0) == 0.8 and threshold_at(0.8, 0.999, 7.0) == 0.999
+    assert threshold_at(0.8, 0.8, 0.3) == 0.8  # threshold_final = threshold: the fixed tau
+    taus = [threshold_at(0.8, 0.999, t / 10) for t in range(11)]
+    assert taus == sorted(taus)
+    method = LowConfidence(create_model("unet", 1, K, base_channels=2, depth=1),
+                           LowConfidenceConfig(threshold=0.5, threshold_final=0.875), K,
+                           total_steps=200)
+    assert method.threshold(0) == 0.5 and method.threshold(200) == 0.875
+    assert method.threshold(100) == pytest.approx(0.75)  # margins 0.5, 0.25, 0.125
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"threshold_final": 0.5}, r"threshold_final=0\.5: expected a value in \[0\.8, 1\)"),
+    ({"threshold_final": 1.0}, r"threshold_final=1\.0: expected a value in \[0\.8, 1\)"),
+    ({"consistency_norm": "mean"}, r"consistency_norm='mean': expected one of 'low', 'all'"),
+    ({"separation_norm": None}, "separation_norm=None"),
+    ({"separation_weight": -1.0}, "separation_weight"),
+    ({"temperature": 0.0}, "temperature"),
+])
+def test_config_refuses_out_of_range_values(params: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        LowConfidenceConfig(**params)
+    LowConfidenceConfig(threshold=1.0, threshold_final=1.0)  # every pixel, all run long
+
+
 def test_tau_zero_drops_every_pixel_and_both_terms_are_exactly_zero() -> None:
-    method, unlabeled = warmed_up(threshold=0.0)
-    logits_u, feats_u = method.model(unlabeled.strong, return_features=True)
-    consistency, separation, low, t_label = method.unlabeled_terms(logits_u, feats_u, unlabeled,
-                                                                   step=1000)
-    assert low.shape == (2, 16, 16) and not low.any()
-    assert consistency.item() == 0.0
-    assert separation.item() == 0.0
-    assert torch.equal(t_label, teacher_probs(method, unlabeled).argmax(1))
+    method, unlabeled = warmed_up(threshold=0.0, threshold_final=0.0)
+    terms = method.unlabeled_terms(*student(method, unlabeled), unlabeled, step=1000)
+    assert terms.low.shape == (2, 16, 16) and not terms.low.any()
+    assert terms.consistency.item() == 0.0 and terms.separation.item() == 0.0
+    assert torch.equal(terms.teacher_label, teacher_probs(method, unlabeled).argmax(1))
     assert method.unlabeled_loss(unlabeled, step=1000).item() == 0.0
 
 
-def test_tau_one_keeps_every_pixel() -> None:
-    method, unlabeled = warmed_up(threshold=1.0)
+def test_tau_one_keeps_every_pixel_and_leaves_the_prototypes_alone() -> None:
+    method, unlabeled = warmed_up(threshold=1.0, threshold_final=1.0)
     protos = method.prototypes.clone()
-    logits_u, feats_u = method.model(unlabeled.strong, return_features=True)
-    consistency, separation, low, _ = method.unlabeled_terms(logits_u, feats_u, unlabeled, step=1000)
-    assert low.all()
-    assert consistency.item() > 0 and separation.item() > 0
-    # no pixel is confident, so the unlabeled images leave the prototypes alone
-    assert torch.equal(method.prototypes, protos)
-    # consistency = weight * ramp * mean over pixels of sum_c (p_student - p_teacher)^2
-    t = teacher_probs(method, unlabeled)
-    ramp = torch.exp(torch.tensor(-5.0 * (1 - 1.0) ** 2)).item()  # step 1000 = rampup_fraction 1.0 x total_steps 1000
-    expected = 0.1 * ramp * ((logits_u.detach().softmax(1) - t) ** 2).sum(1).mean()
-    assert consistency.item() == pytest.approx(expected.item(), rel=1e-5)
+    terms = method.unlabeled_terms(*student(method, unlabeled), unlabeled, step=1000)
+    assert terms.low.all()
+    assert terms.consistency.item() > 0 and terms.separation.item() > 0
+    assert torch.equal(method.prototypes, protos)  # no pixel is confident
 
 
-def test_intermediate_tau_counts_only_low_confidence_pixels() -> None:
+def test_each_loss_counts_exactly_the_pixels_below_tau_under_both_norms() -> None:
     method, unlabeled = warmed_up()
     t = teacher_probs(method, unlabeled)
     tau = float(t.max(1).values.median())  # about half the pixels on each side
-    method.cfg.threshold = tau
-    logits_u, feats_u = method.model(unlabeled.strong, return_features=True)
-    consistency, _, low, _ = method.unlabeled_terms(logits_u, feats_u, unlabeled, step=1000)
-    assert torch.equal(low, t.max(1).values < tau)
-    assert 0 < low.float().mean() < 1
-    sq = ((logits_u.detach().softmax(1) - t) ** 2).sum(1)
-    expected = 0.1 * (sq * low).sum() / low.numel()
-    assert consistency.item() == pytest.approx(expected.item(), rel=1e-5)
+    method.cfg.threshold = method.cfg.threshold_final = tau
+    other = copy.deepcopy(method)
+    other.cfg = LowConfidenceConfig(threshold=tau, threshold_final=tau, consistency_norm="all",
+                                    separation_norm="all")
+    logits_u, feats_u = student(method, unlabeled)
+    low_terms = method.unlabeled_terms(logits_u, feats_u, unlabeled, step=1000)
+    all_terms = other.unlabeled_terms(logits_u, feats_u, unlabeled, step=1000)
+
+    low = t.max(1).values < tau
+    assert torch.equal(low_terms.low, low) and torch.equal(all_terms.low, low)
+    n_low, n_all = int(low.sum()), low.numel()
+    assert 0 < n_low < n_all
+    sq = ((logits_u.detach().softmax(1) - t) ** 2).mean(1)  # ramp = 1 at step 1000 of 1000
+    total = 0.1 * sq[low].sum().item()
+    assert low_terms.consistency.item() == pytest.approx(total / n_low, rel=1e-5)
+    assert all_terms.consistency.item() == pytest.approx(total / n_all, rel=1e-5)
+    # the same per-pixel separation sum, divided by the low-confidence or by all pixels
+    ratio = all_terms.separation.item() / low_terms.separation.item()
+    assert ratio == pytest.approx(n_low / n_all, rel=1e-5)
+    # the prototypes took their step from the confident pixels: what a mask-only change can alter
+    assert torch.equal(method.prototypes, other.prototypes)
+
+
+def test_training_step_logs_tau_and_coverage_of_the_pixels_it_used() -> None:
+    torch.manual_seed(0)
+    model = create_model("unet", 1, K, base_channels=4, depth=2)
+    method = LowConfidence(model, LowConfidenceConfig(threshold=0.5, threshold_final=0.875), K,
+                           total_steps=200)
+    labeled, unlabeled = batches()
+    out = method.training_step(labeled, unlabeled, 100)
+    assert out.logs["threshold"] == pytest.approx(0.75)
+    assert torch.equal(out.pseudo_used, teacher_probs(method, unlabeled).max(1).values < 0.75)
+    assert out.logs["low_conf_ratio"] == pytest.approx(out.pseudo_used.float().mean().item())
+    assert out.logs["loss_unsup"] == pytest.approx(
+        out.logs["loss_consistency"] + out.logs["loss_separation"])
+
+
+def test_tau_one_with_norm_all_and_no_separation_is_mean_teachers_consistency() -> None:
+    method, unlabeled = warmed_up(threshold=1.0, threshold_final=1.0, consistency_norm="all",
+                                  separation_weight=0.0)
+    mt = MeanTeacher(method.model, MeanTeacherConfig(), K)
+    mt.teacher.load_state_dict(method.teacher.state_dict())
+    logits_u = method.model(unlabeled.strong)
+    expected, _ = mt.consistency(logits_u, unlabeled, step=700)
+    loss = method.unlabeled_loss(unlabeled, step=700)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_low_confidence_mask_on_hand_made_probabilities() -> None:
@@ -124,32 +190,45 @@ def test_class_means_on_hand_built_case() -> None:
     torch.testing.assert_close(means[3], torch.tensor([0.0, -1.0]))
 
 
-def test_prototype_ema_on_present_classes_only() -> None:
+def test_prototype_ema_on_seen_classes_and_first_mean_sets_a_new_class() -> None:
     torch.manual_seed(0)
     model = create_model("unet", 1, 4, base_channels=2, depth=1)
     method = LowConfidence(model, LowConfidenceConfig(prototype_momentum=0.75), 4)
-    # the first update sets the prototypes to the class means
-    method.update_prototypes(FEATS, LABELS, MASK)
+    method.update_prototypes(FEATS, LABELS, MASK)  # the first update sets the class means
     first, _ = class_means(FEATS, LABELS, MASK, 4)
     torch.testing.assert_close(method.prototypes, first)
+    assert method.seen.tolist() == [True, False, True, False]
 
     old = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     method.prototypes = old.clone()
-    method.update_prototypes(FEATS, LABELS, MASK)
-    new, _ = class_means(FEATS, LABELS, MASK, 4)
+    method.update_prototypes(FEATS, LABELS, torch.ones_like(MASK))  # class 3 appears
+    new, _ = class_means(FEATS, LABELS, torch.ones_like(MASK), 4)
     expected = old.clone()
-    for c in (0, 2):  # present
+    for c in (0, 2):  # seen before: an EMA step
         expected[c] = 0.75 * old[c] + 0.25 * new[c]
+    expected[3] = new[3]  # first seen: set
     torch.testing.assert_close(method.prototypes, expected)
-    assert torch.equal(method.prototypes[1], old[1]) and torch.equal(method.prototypes[3], old[3])
+    assert torch.equal(method.prototypes[1], old[1])  # absent: unchanged
+    assert method.seen.tolist() == [True, False, True, True]
 
 
-def test_tau_zero_updates_prototypes_from_confident_unlabeled_pixels() -> None:
-    method, unlabeled = warmed_up(threshold=0.0)
+def test_one_prototype_step_from_labeled_and_confident_unlabeled_pixels() -> None:
+    method, unlabeled = warmed_up()
+    tau = float(teacher_probs(method, unlabeled).max(1).values.median())
+    method.cfg.threshold = method.cfg.threshold_final = tau
+    labeled = batches(2)[0]
     before = method.prototypes.clone()
-    logits_u, feats_u = method.model(unlabeled.strong, return_features=True)
-    _, _, _, t_label = method.unlabeled_terms(logits_u, feats_u, unlabeled, step=1000)
-    means, present = class_means(feats_u, t_label, torch.ones_like(t_label, dtype=torch.bool), K)
+    assert method.seen.all()
+    logits_u, feats_u = student(method, unlabeled)
+    feats_l = method.model(labeled.image, return_features=True)[1]
+    t = teacher_probs(method, unlabeled)
+    terms = method.unlabeled_terms(logits_u, feats_u, unlabeled, step=500,
+                                   labeled=(feats_l, labeled.mask))
+    confident = t.max(1).values >= tau
+    assert torch.equal(confident, ~terms.low) and confident.any()
+    means, present = class_means(torch.cat([feats_l, feats_u]),
+                                 torch.cat([labeled.mask, t.argmax(1)]),
+                                 torch.cat([torch.ones_like(confident), confident]), K)
     expected = before.clone()
     expected[present] = 0.9 * before[present] + 0.1 * means[present]
     torch.testing.assert_close(method.prototypes, expected)

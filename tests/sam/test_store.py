@@ -65,3 +65,20 @@ def test_a_folder_made_by_another_model_is_not_resumed(tmp_path: Path) -> None:
     PseudoLabelStore(tmp_path, CLASSES).claim({"coarse_sha256": "aaa", "seed": 0})  # same: resumes
     with pytest.raises(SemisegError, match="different coarse_sha256; use another output folder"):
         PseudoLabelStore(tmp_path, CLASSES).claim({"coarse_sha256": "bbb", "seed": 0})
+
+
+def test_row_records_both_sizes_the_gate_and_sams_own_dice(tmp_path: Path) -> None:
+    store = PseudoLabelStore(tmp_path, CLASSES)
+    truth = np.zeros((8, 8), dtype=np.uint8)
+    truth[:4] = 1
+    sam = np.zeros_like(truth)
+    sam[:2] = 1  # SAM's own map: half the lung
+    row = store.write(0, "a", truth, {1: 0.9}, truth, truth, sam=sam, agreement=np.array([np.nan, 0.5, np.nan]),
+                      used=[], native_shape=(32, 40))
+    assert (row["image_height"], row["image_width"], row["native_height"], row["native_width"]) == (8, 8, 32, 40)
+    assert row["sam_used/lung"] == 0.0 and row["sam_used/heart"] == 0.0 and row["agreement/lung"] == 0.5
+    assert row["dice_sam/lung"] == pytest.approx(2 * 16 / 48) and row["dice_after/lung"] == 1.0
+    (tmp_path / "gate" / ".gate.json.7.tmp").write_text("{")  # a kill mid-write of the decision
+    assert store.remove_stale_temp_files() == 1 and store.read_gate() is None
+    frame = read_manifest(store.write_manifest())
+    assert frame.loc[0, "native_width"] == 40

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -13,11 +13,44 @@ from semiseg.errors import DatasetError
 from semiseg.registry import Registry
 
 
+@dataclass(frozen=True)
+class SliceOrigin:
+    """Where each 2D image of a volume dataset sits in its 3D volume, so predictions can be put
+    back into volumes (per-case metrics). A volume is not a group: an ACDC patient (the group)
+    has two frames (two volumes).
+
+    volume:  per image, the id of the volume it is a slice of (nnunet: the case id).
+    z:       per image, its slice index in that volume, 0..depth-1.
+    spacing: per volume, mm per voxel (rows H, columns W, slice) of the slices as stored in the
+        SegData, i.e. after the pad and resize to image_size.
+    """
+
+    volume: list[str]
+    z: list[int]
+    spacing: dict[str, tuple[float, float, float]]
+
+    def check(self, n: int, source: str) -> None:
+        if len(self.volume) != n or len(self.z) != n:
+            raise DatasetError(f"{source}: volumes has {len(self.volume)} volume ids and "
+                               f"{len(self.z)} slice indices; expected one of each per image ({n})")
+        seen = set(zip(self.volume, self.z))
+        if len(seen) != n:
+            raise DatasetError(f"{source}: two images claim the same (volume, z); expected one "
+                               "image per slice of a volume")
+        missing = sorted(set(self.volume) - set(self.spacing))
+        if missing:
+            raise DatasetError(f"{source}: no voxel spacing for volume {missing[0]}; expected "
+                               "one (rows, columns, slice) spacing in mm per volume")
+
+
 @dataclass
 class SegData:
     """A loaded dataset, all images at one size.
 
-    images: (N, H, W) float32, each normalised to zero mean and unit variance.
+    images: (N, H, W) float32, or (N, C, H, W) for C input channels (multi-modal volumes).
+        A builder returns raw intensities (after the resize); `load_dataset` normalises them by
+        `data.normalize` (semiseg.data.normalize; default: each image, each channel, to zero
+        mean and unit variance).
     masks:  (N, H, W) int64 labels, 0 = background, values index `classes`.
     groups: per image, the patient / volume / slice-block it belongs to; splits never cut one.
     ids:    per image, a stable readable identifier (file stem, "patient001_frame01_z03", ...).
@@ -34,17 +67,39 @@ class SegData:
     classes: list[str]
     source: str
     positions: list[float] | None = None
+    volumes: SliceOrigin | None = None
+    """Volume datasets: each image's volume, slice index and the volumes' voxel spacing."""
+    channel_names: list[str] | None = None
+    """The input channels' names (modalities, e.g. ["T2", "ADC"]) where the dataset names them."""
+    label_unit: str = "image"
+    """What `data.label_unit: auto` counts a label budget in for this dataset: "case" (whole
+    groups, for datasets whose groups are patients / cases) or "image" (semiseg.data.splits)."""
+    intensity: Any = None
+    """Set by `load_dataset`: the training-split statistics the images were normalised with
+    (semiseg.data.normalize.IntensityStats), None for per-image normalisation."""
+    native: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
+    """Image i and its mask at source resolution (PNG or slice size, a phantom's
+    data.native_size), raw, padded to a square as before the resize to image_size; None where
+    the stored images are the source. The SAM stage refines there (semiseg.sam.native)."""
 
     def __post_init__(self) -> None:
         n = len(self.images)
         if n == 0:
             raise DatasetError(f"{self.source}: the dataset has no images")
-        if self.masks.shape != self.images.shape:
+        if self.images.ndim not in (3, 4) or self.masks.shape != self.images.shape[:1] + self.images.shape[-2:]:
             raise DatasetError(
-                f"{self.source}: masks {self.masks.shape} do not match images {self.images.shape}"
+                f"{self.source}: masks {self.masks.shape} do not match images {self.images.shape}; "
+                "expected images (N, H, W) or (N, C, H, W) and masks (N, H, W)"
             )
         if len(self.groups) != n or len(self.ids) != n:
             raise DatasetError(f"{self.source}: groups/ids must have one entry per image ({n})")
+        if self.volumes is not None:
+            self.volumes.check(n, self.source)
+        if self.label_unit not in ("image", "case"):
+            raise DatasetError(f"{self.source}: label_unit {self.label_unit!r}; expected image or case")
+        if self.channel_names is not None and len(self.channel_names) != self.in_channels:
+            raise DatasetError(f"{self.source}: {len(self.channel_names)} channel names for "
+                               f"{self.in_channels} input channel(s)")
         if self.positions is not None:
             self.positions = list(self.positions)  # an array is accepted, stored as a list
             self._check_positions(n)
@@ -84,14 +139,22 @@ class SegData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def in_channels(self) -> int:
+        """Input channels of every image: the model's in_channels follows the dataset."""
+        return 1 if self.images.ndim == 3 else int(self.images.shape[1])
+
 
 DatasetBuilder = Callable[[DataConfig], SegData]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 
 def load_dataset(cfg: DataConfig) -> SegData:
-    """Build the dataset that `cfg.name` names."""
-    return DATASETS.get(cfg.name)(cfg)
+    """Build the dataset that `cfg.name` names, normalised by `cfg.normalize`."""
+    # Imported here: normalize imports splits, which imports this module.
+    from semiseg.data.normalize import normalize_dataset
+
+    return normalize_dataset(DATASETS.get(cfg.name)(cfg), cfg)
 
 
 def check_classes_present(

@@ -8,12 +8,15 @@
       masks/<stem>.png  single-channel integer labels (mode L, P, I or I;16), same size as image
 
 Non-square images are padded to a square (background) before the resize, keeping their aspect.
+Images may differ in size: each is resized on its own, and the SAM stage refines each at its
+own (padded) PNG size (`SegData.native`).
 
 Every problem is a DatasetError that names the file at fault and what was expected.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import yaml
 from PIL import Image
 
 from semiseg.data_config import DataConfig
-from semiseg.data.base import DATASETS, SegData, check_classes_present, normalise
+from semiseg.data.base import DATASETS, SegData, check_classes_present
 from semiseg.data.resize import pad_square, resize_pair
 from semiseg.errors import DatasetError
 
@@ -168,13 +171,22 @@ def build(cfg: DataConfig) -> SegData:
             )
     ids = sorted(images)
     groups = [_group(stem, pattern, images[stem], root) for stem in ids]
+    files = [(images[stem], masks[stem]) for stem in ids]
     out_images, out_masks = [], []
-    for stem in ids:
-        image = _read_image(images[stem])
-        mask = _read_mask(masks[stem], image.shape, images[stem], classes)
-        image = pad_square(image, float(image.min()))
-        image, mask = resize_pair(image, pad_square(mask, 0), cfg.image_size)
-        out_images.append(normalise(image))
+    for index in range(len(files)):
+        image, mask = resize_pair(*native_pair(files, classes, index), cfg.image_size)
+        out_images.append(image)  # raw: load_dataset normalises (data.normalize)
         out_masks.append(mask)
     check_classes_present(np.stack(out_masks), classes, root, root / "dataset.yaml")
-    return SegData(np.stack(out_images), np.stack(out_masks), groups, ids, classes, "folder")
+    return SegData(np.stack(out_images), np.stack(out_masks), groups, ids, classes, "folder",
+                   native=functools.partial(native_pair, files, classes))
+
+
+def native_pair(files: list[tuple[Path, Path]], classes: list[str], index: int,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Image `index` and its mask at the PNG's own size, padded to a square (what the resize to
+    image_size starts from): `SegData.native`, read from disk again by the SAM stage."""
+    image_path, mask_path = files[index]
+    image = _read_image(image_path)
+    mask = _read_mask(mask_path, image.shape, image_path, classes)
+    return pad_square(image, float(image.min())), pad_square(mask, 0)

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from semiseg.data_config import DataConfig
-from semiseg.data.base import DATASETS, SegData, normalise
+from semiseg.data.base import DATASETS, SegData
 from semiseg.data.resize import pad_square, resize_pair
 from semiseg.errors import DatasetError
 
@@ -74,11 +74,8 @@ def build(cfg: DataConfig) -> SegData:
     t1, labels, slices = load_volumes()
     images, masks, ids, groups, positions = [], [], [], [], []
     for z in slices:
-        # rot90: show the slice with anterior up, as viewers do.
-        image = np.rot90(pad_square(t1[..., z], 0.0))
-        mask = np.rot90(pad_square(labels[..., z], 0))
-        image, mask = resize_pair(image, mask, cfg.image_size)
-        images.append(normalise(image))
+        image, mask = resize_pair(*native_slice(z), cfg.image_size)
+        images.append(image)  # raw: load_dataset normalises (data.normalize)
         masks.append(mask)
         ids.append(f"mni_z{z:03d}")
         groups.append(f"block{z // BLOCK:02d}")
@@ -91,4 +88,16 @@ def build(cfg: DataConfig) -> SegData:
         classes=list(CLASSES),
         source="mni-tissue",
         positions=positions,
+        native=functools.partial(_native, tuple(slices)),
     )
+
+
+def native_slice(z: int) -> tuple[np.ndarray, np.ndarray]:
+    """Axial slice z and its labels at the template's own in-plane size, padded to a square."""
+    t1, labels, _ = load_volumes()
+    # rot90: show the slice with anterior up, as viewers do.
+    return np.rot90(pad_square(t1[..., z], 0.0)), np.rot90(pad_square(labels[..., z], 0))
+
+
+def _native(slices: tuple[int, ...], index: int) -> tuple[np.ndarray, np.ndarray]:
+    return native_slice(slices[index])  # SegData.native: image index -> its slice

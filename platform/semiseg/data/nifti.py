@@ -7,7 +7,9 @@
         patient001_frame01_gt.nii.gz    its label volume (same shape)
         patient001_4d.nii.gz, Info.cfg  ignored
 
-Each patient is one group, so a split never puts slices of one patient on both sides.
+Each patient is one group, so a split never puts slices of one patient on both sides, and a
+label budget counts patients by default (`data.label_unit: auto` is `case` here). Each frame is
+one volume (SegData.volumes), with its voxel spacing from the header scaled by the resize.
 Non-square slices are padded to a square (background) before the resize, keeping their aspect.
 """
 
@@ -20,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from semiseg.data_config import DataConfig
-from semiseg.data.base import DATASETS, SegData, check_classes_present, normalise
+from semiseg.data.base import DATASETS, SegData, SliceOrigin, check_classes_present
 from semiseg.data.folder import read_spec
 from semiseg.data.resize import pad_square, resize_pair
 from semiseg.errors import DatasetError
@@ -55,17 +57,45 @@ def _check_declared_size(path: Path, image: nib.spatialimages.SpatialImage) -> N
         )
 
 
-def _read_volume(path: Path) -> np.ndarray:
-    """The volume as a 3D float array; any nibabel / gzip failure names the file."""
+def _load_header(path: Path) -> nib.spatialimages.SpatialImage:
+    """The NIfTI image object (header read, voxels not yet); a failure names the file."""
     try:
-        image = nib.load(str(path))
+        return nib.load(str(path))
     except Exception as exc:  # not a NIfTI header, a truncated gzip, ...
         raise _unreadable(path, exc) from None
+
+
+def spacing_of(image: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:
+    """The first three voxel sizes (mm) of a header; 1.0 where a size is missing, 0 or not
+    finite (a header that leaves pixdim unset)."""
+    try:
+        zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    except Exception:  # a damaged header: the voxels were readable, so assume unit spacing
+        zooms = []
+    zooms += [1.0] * (3 - len(zooms))
+    return tuple(z if np.isfinite(z) and z > 0 else 1.0 for z in zooms)  # type: ignore[return-value]
+
+
+def voxel_spacing(path: Path) -> tuple[float, float, float]:
+    """spacing_of the NIfTI file at `path`."""
+    return spacing_of(_load_header(path))
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    """(voxels as float32 with as many axes as stored, the image for its affine and header);
+    a header declaring more bytes than the file holds, or any nibabel / gzip failure, names
+    the file."""
+    image = _load_header(path)
     _check_declared_size(path, image)
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        return np.asarray(image.dataobj, dtype=np.float32), image
     except Exception as exc:  # truncated data -> EOFError, zlib.error, nibabel errors, ...
         raise _unreadable(path, exc) from None
+
+
+def _read_volume(path: Path) -> np.ndarray:
+    """The volume as a 3D float array; any nibabel / gzip failure names the file."""
+    data = read_nifti(path)[0]
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is still a 3D volume
         data = data[..., 0]
     if data.ndim != 3 or 0 in data.shape:
@@ -75,14 +105,17 @@ def _read_volume(path: Path) -> np.ndarray:
     return data
 
 
-def _read_image_volume(path: Path) -> np.ndarray:
-    volume = _read_volume(path)
+def check_finite(path: Path, volume: np.ndarray) -> np.ndarray:
     # NaN or Inf voxels would make every normalised slice NaN, and the run would only fail
     # at its first training step (as a diverged loss) instead of naming the file.
     bad = int(np.count_nonzero(~np.isfinite(volume)))
     if bad:
         raise DatasetError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite intensities")
     return volume
+
+
+def _read_image_volume(path: Path) -> np.ndarray:
+    return check_finite(path, _read_volume(path))
 
 
 def _read_labels(
@@ -148,19 +181,49 @@ def build(cfg: DataConfig) -> SegData:
             f"no patients found in {root}: expected {root}/patientXXX/patientXXX_frameYY.nii.gz "
             "with a label volume patientXXX_frameYY_gt.nii.gz beside it"
         )
-    images, masks, groups, ids = [], [], [], []
+    images, masks, groups, ids, z_index = [], [], [], [], []
+    sources: list[tuple[Path, int]] = []  # (image volume, z) per image, for SegData.native
+    spacing: dict[str, tuple[float, float, float]] = {}
     for patient, frame, image_path in frames:
         gt_path = _gt_path(image_path)
         if not gt_path.is_file():
             raise DatasetError(f"{image_path}: missing its label volume {gt_path}")
         volume = _read_image_volume(image_path)
         labels = _read_labels(gt_path, volume.shape, image_path, classes)
+        sx, sy, sz = voxel_spacing(image_path)
+        scale = max(volume.shape[:2]) / cfg.image_size  # pad to the longer side, then resize
+        spacing[f"{patient}_frame{frame}"] = (sx * scale, sy * scale, sz)
         for z in range(volume.shape[-1]):
             image = pad_square(volume[..., z], float(volume[..., z].min()))
             image, mask = resize_pair(image, pad_square(labels[..., z], 0), cfg.image_size)
-            images.append(normalise(image))
+            images.append(image)  # raw: load_dataset normalises (data.normalize)
             masks.append(mask)
             groups.append(patient)
             ids.append(f"{patient}_frame{frame}_z{z:02d}")
+            z_index.append(z)
+            sources.append((image_path, z))
     check_classes_present(np.stack(masks), classes, root, spec if spec.exists() else None)
-    return SegData(np.stack(images), np.stack(masks), groups, ids, classes, "nifti")
+    volumes = SliceOrigin([i.rsplit("_z", 1)[0] for i in ids], z_index, spacing)
+    return SegData(np.stack(images), np.stack(masks), groups, ids, classes, "nifti",
+                   volumes=volumes, label_unit="case", native=NativeSlices(sources, classes))
+
+
+class NativeSlices:
+    """`SegData.native` of a nifti dataset: slice z at its volume's own in-plane size, padded
+    to a square as before the resize. Keeps the last volume it read: the SAM stage asks for
+    images in index order, and a volume's slices are consecutive."""
+
+    def __init__(self, sources: list[tuple[Path, int]], classes: list[str]) -> None:
+        self.sources, self.classes = sources, classes
+        self._last: tuple[Path, np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_last": None}  # a copy sent elsewhere reads its own volumes
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        path, z = self.sources[index]
+        if self._last is None or self._last[0] != path:
+            volume = _read_image_volume(path)
+            self._last = (path, volume, _read_labels(_gt_path(path), volume.shape, path, self.classes))
+        _, volume, labels = self._last
+        return pad_square(volume[..., z], float(volume[..., z].min())), pad_square(labels[..., z], 0)

@@ -16,10 +16,19 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
         return image.astype(np.float32), mask.astype(np.int64)
     img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
+    return img[0, 0].numpy(), resize_labels(mask, (size, size))
+
+
+def resize_labels(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label map resized to `size` (H, W) as int64 by the mask rule of resize_pair, so a mask
+    made at source resolution (a SAM refinement) lands on the pixels the dataset's own mask
+    does at image_size."""
+    if mask.shape == tuple(size):
+        return mask.astype(np.int64)
     # Nearest on float labels is exact for any integer range a mask can hold here.
     msk = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    msk = F.interpolate(msk, size=(size, size), mode="nearest")
-    return img[0, 0].numpy(), msk[0, 0].numpy().astype(np.int64)
+    msk = F.interpolate(msk, size=tuple(size), mode="nearest")
+    return msk[0, 0].numpy().astype(np.int64)
 
 
 def pad_square(a: np.ndarray, value: float) -> np.ndarray:

@@ -18,7 +18,7 @@ from semiseg.data.splits import Split
 
 @dataclass
 class Subset:
-    images: Tensor          # (n, 1, H, W) float32
+    images: Tensor          # (n, C, H, W) float32
     masks: Tensor | None    # (n, H, W) int64, None where a method must not see them
     index: Tensor           # (n,) indices into the dataset
 
@@ -28,7 +28,8 @@ class Subset:
 
 def subset(data: SegData, indices: list[int], device: torch.device, with_masks: bool) -> Subset:
     idx = np.asarray(indices, dtype=np.int64)
-    images = torch.from_numpy(data.images[idx]).float()[:, None].to(device)
+    images = torch.from_numpy(data.images[idx]).float()
+    images = (images[:, None] if images.dim() == 3 else images).to(device)  # (n, C, H, W)
     masks = torch.from_numpy(data.masks[idx]).long().to(device) if with_masks else None
     return Subset(images, masks, torch.from_numpy(idx))
 

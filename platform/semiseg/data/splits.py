@@ -6,6 +6,12 @@ subset of the training images.
 - the labeled subset depends on (label_fraction, seed): it is the first round(f*N) images of
   one seeded order of the training images, so subsets are nested across fractions and paired
   across methods;
+- with `data.label_unit: case` the unit is the group instead of the image: the labeled subset
+  is every image of the first round(f*G) (or `data.labeled_cases`) of one seeded order of the
+  G training groups, so a case is labeled whole or not at all, the way peers count a budget
+  ("3 labeled patients": UniMatch's and SSL4MIS's ACDC splits list labeled cases), and it is
+  nested and paired in the same way. `auto` takes the dataset's own unit (SegData.label_unit:
+  case for nnunet and nifti, whose groups are cases; image for the rest);
 - unlabeled = train - labeled.
 
 Datasets whose images carry `positions` (slice blocks along z) are split stratified by position,
@@ -42,6 +48,8 @@ class Split:
     unlabeled: list[int]
     val: list[int]
     test: list[int]
+    label_unit: str = "image"
+    """The unit the labeled subset was drawn in: "image" or "case" (whole groups)."""
 
     def roles(self) -> dict[int, str]:
         return {i: role for role in ROLES for i in getattr(self, role)}
@@ -62,7 +70,8 @@ class Split:
     def summary(self, data: SegData) -> dict[str, dict[str, Any]]:
         """Per role (and for train = labeled + unlabeled): its image and group counts and, where
         the dataset has positions, its position range and mean, so a reader of a run sees at a
-        glance whether a role sits in one band of the volume."""
+        glance whether a role sits in one band of the volume. Plus "labeling": the label unit
+        used (image or case) and how many of the training groups hold labeled images."""
         members = {role: getattr(self, role) for role in ROLES}
         members["train"] = sorted(self.labeled + self.unlabeled)
         out: dict[str, dict[str, Any]] = {}
@@ -74,6 +83,9 @@ class Split:
                 row.update(position_min=min(values), position_max=max(values),
                            position_mean=round(float(np.mean(values)), 3))
             out[role] = row
+        out["labeling"] = {"unit": self.label_unit,
+                           "labeled_groups": out["labeled"]["groups"],
+                           "train_groups": out["train"]["groups"]}
         return out
 
 
@@ -162,6 +174,44 @@ def _labeled_order(data: SegData, train: list[int], seed: int) -> list[int]:
     return [by_position[r] for r in spread_order(len(by_position), rng)]
 
 
+def _case_order(data: SegData, train: list[int], seed: int) -> list[str]:
+    """The seeded order of the training groups whose first k are labeled at k cases: a
+    permutation, or, where groups have positions, `spread_order` over them sorted by position
+    (so a few labeled blocks still cover the volume)."""
+    rng = np.random.default_rng([seed, 7919, 1])  # its own stream: not the image order's draws
+    in_train = {data.groups[i] for i in train}
+    if data.positions is None:
+        groups = sorted(in_train)
+        return [groups[i] for i in rng.permutation(len(groups))]
+    ordered = [g for g in _groups_by_position(data) if g in in_train]
+    return [ordered[r] for r in spread_order(len(ordered), rng)]
+
+
+def label_unit(data: SegData, cfg: DataConfig) -> str:
+    """The unit the labeled subset is drawn in: data.label_unit, or under `auto` the dataset's
+    own (case wherever data.labeled_cases is set, since it counts cases)."""
+    if cfg.label_unit != "auto":
+        return cfg.label_unit
+    return "case" if cfg.labeled_cases else data.label_unit
+
+
+def _labeled(data: SegData, cfg: DataConfig, train: list[int], seed: int, unit: str,
+             where: str) -> list[int]:
+    """The labeled training images at cfg's budget, in `unit`."""
+    if unit == "image":
+        return _labeled_order(data, train, seed)[:labeled_count(cfg.label_fraction, len(train))]
+    order = _case_order(data, train, seed)
+    k = cfg.labeled_cases or labeled_count(cfg.label_fraction, len(order))
+    if k > len(order):
+        raise DatasetError(
+            f"{where}: data.labeled_cases={k} but only {len(order)} training case(s) are left "
+            f"after val and test; expected at most {len(order)} (lower data.labeled_cases, or "
+            "data.val_fraction / data.test_fraction)"
+        )
+    chosen = set(order[:k])
+    return [i for i in train if data.groups[i] in chosen]
+
+
 def make_split(data: SegData, cfg: DataConfig, seed: int) -> Split:
     groups = sorted(set(data.groups))
     where = f"{data.source} dataset" + (f" at {cfg.root}" if cfg.root else "")
@@ -184,11 +234,12 @@ def make_split(data: SegData, cfg: DataConfig, seed: int) -> Split:
             f"test ({len(test_groups)}) of {len(groups)} groups; lower data.val_fraction / "
             "data.test_fraction or add images"
         )
-    shuffled = _labeled_order(data, train, seed)
-    k = labeled_count(cfg.label_fraction, len(train))
+    unit = label_unit(data, cfg)
+    labeled = set(_labeled(data, cfg, train, seed, unit, where))
     return Split(
-        labeled=sorted(shuffled[:k]),
-        unlabeled=sorted(shuffled[k:]),
+        labeled=sorted(labeled),
+        unlabeled=[i for i in train if i not in labeled],
         val=by_role["val"],
         test=by_role["test"],
+        label_unit=unit,
     )

@@ -19,10 +19,15 @@ blur, random gamma / exposure window and strong additive noise.
 Determinism: phantom i depends only on (BASE_SEED, i) and the image size; it is drawn at the
 requested size (no fixed-size resize), with all random numbers that do not depend on the size
 drawn first, so phantom i shows the same anatomy at 32, 64 or 128 pixels.
+
+Native resolution (`data.native_size`, e.g. 256): phantoms are drawn at that size and
+downsampled to image_size, like radiographs a user brings at 512 x 512 and trains on at 64;
+the SAM stage refines the phantom at its native size (issue 13).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +36,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from semiseg.data_config import DataConfig
-from semiseg.data.base import DATASETS, SegData, normalise
+from semiseg.data.base import DATASETS, SegData
+from semiseg.data.resize import resize_pair
 
 CLASSES = ["background", "lung", "heart", "spine"]
 # Painted in this order, so later entries win where structures overlap.
@@ -150,16 +156,29 @@ def make_phantom(index: int, size: int) -> Phantom:
     return Phantom(img.astype(np.float32), mask, supports)
 
 
+def native_phantom(index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask) of phantom `index` drawn at size x size: `SegData.native` of a dataset
+    made with data.native_size (a module function, so the dataset stays picklable)."""
+    phantom = make_phantom(index, size)
+    return phantom.image, phantom.mask
+
+
 @DATASETS.register("synthetic")
 def build(cfg: DataConfig) -> SegData:
-    """cfg.num_images phantoms at cfg.image_size; each phantom is its own group ("patient")."""
-    phantoms = [make_phantom(i, cfg.image_size) for i in range(cfg.num_images)]
+    """cfg.num_images phantoms at cfg.image_size; each phantom is its own group ("patient").
+
+    With data.native_size, each phantom is drawn at that size and brought to image_size by
+    the rule every file dataset uses (`resize_pair`: bilinear image, nearest mask), so the
+    training images are downsampled radiographs and `SegData.native` holds the originals."""
+    size = getattr(cfg, "native_size", 0) or cfg.image_size
+    pairs = [resize_pair(*native_phantom(i, size), cfg.image_size) for i in range(cfg.num_images)]
     ids = [f"phantom{i:05d}" for i in range(cfg.num_images)]
     return SegData(
-        images=np.stack([normalise(p.image) for p in phantoms]),
-        masks=np.stack([p.mask for p in phantoms]),
+        images=np.stack([image for image, _ in pairs]).astype(np.float32),  # raw: see load_dataset
+        masks=np.stack([mask for _, mask in pairs]),
         groups=list(ids),
         ids=ids,
         classes=list(CLASSES),
         source="synthetic",
+        native=functools.partial(native_phantom, size=size) if size != cfg.image_size else None,
     )

@@ -32,6 +32,7 @@ def log_selected_model(logger: tracking.RunLogger | None, cfg: Config, data: Seg
                   None)
     if folder is None:
         return  # nothing trained here: rank 0 of a fit that wrote no checkpoint
-    model = load_coarse_model(folder, cfg.model, data.num_classes)
-    example = np.asarray(data.images[split.test[:2]], dtype=np.float32)[:, None]
+    model = load_coarse_model(folder, cfg.model, data.num_classes, in_channels=data.in_channels)
+    example = np.asarray(data.images[split.test[:2]], dtype=np.float32)
+    example = example[:, None] if example.ndim == 3 else example  # (n, C, H, W)
     logger.log_pytorch_model(model, example)

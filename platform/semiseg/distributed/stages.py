@@ -9,7 +9,8 @@ A later stage reads an earlier one's output through `TrainStage.inputs` (e.g. th
 becomes method param `manifest`). Only the last stage, the trial's model, reports to Tune and
 logs its epochs to the trial's MLflow run, so a multi-stage trial looks like any other; each
 PseudoLabelStage logs its pseudo-label quality (Dice before/after refinement against the hidden
-masks, SAM's predicted IoU) to the same run at step = its round, and its rows as artifacts.
+masks, SAM's predicted IoU; with sam.gate, the gate's per-class decision and val Dice as
+sam/gate/<class>/*) to the same run at step = its round, and its rows and gate as artifacts.
 Outputs live under the Train storage path, so on a multi-node cluster it must be shared storage.
 """
 
@@ -69,8 +70,11 @@ def _pseudolabels(cfg: Config, stage: PseudoLabelStage, outputs: dict[str, Any],
                   log_metrics: Callable[[dict[str, float], int], None],
                   log_files: Callable[[Path, str], None]) -> Path:
     outcome = run_pseudolabel(cfg, str(outputs[stage.model]), str(root / stage.name))
-    log_metrics(pseudo_metrics(pd.read_parquet(outcome.manifest)), stage.round)
+    gate = outcome.gate.metrics() if outcome.gate is not None else {}  # the val decision per class
+    log_metrics({**pseudo_metrics(pd.read_parquet(outcome.manifest)), **gate}, stage.round)
     log_files(outcome.manifest.parent / "rows", f"pseudolabels/round{stage.round}/rows")
+    if gate:
+        log_files(outcome.manifest.parent / "gate", f"pseudolabels/round{stage.round}/gate")
     return outcome.manifest
 
 
@@ -83,8 +87,11 @@ def _read_later(stages: list[Stage]) -> set[str]:
 
 
 def pseudo_metrics(manifest: pd.DataFrame) -> dict[str, float]:
-    """Means over images of Dice before/after refinement and of SAM's predicted IoU."""
-    keys = [c for c in manifest.columns if c.startswith(("dice_before", "dice_after", "sam_iou/"))]
+    """Means over images of Dice before/after refinement (and of SAM's own masks, before the
+    gate), of SAM's predicted IoU, its agreement with the coarse masks and how often the gate
+    used SAM's mask."""
+    keys = [c for c in manifest.columns
+            if c.startswith(("dice_before", "dice_after", "dice_sam", "sam_iou/", "agreement/", "sam_used/"))]
     return {f"sam/{k}": float(manifest[k].mean()) for k in keys if manifest[k].notna().any()}
 
 

@@ -22,6 +22,7 @@ from semiseg.config import Config, from_dict
 from semiseg.data import load_dataset
 from semiseg.data.splits import make_split
 from semiseg.distributed.cluster import storage_path
+from semiseg.distributed.cost import TrialCost
 from semiseg.distributed.selected_model import log_selected_model
 from semiseg.distributed.stages import run_stages
 from semiseg.distributed.stopped import PLACEMENT_GROUP_KEY, current_placement_group
@@ -188,10 +189,13 @@ def run_tracked_trial(cfg: Config, uri: str, experiment_id: str, parent_run_id: 
     logger.log_params(cfg.flat())
     try:
         # Only the stage given the run id (the last) reports to Tune and logs to the run.
+        cost = TrialCost(cfg)  # reserved CPU/GPU-seconds, for the report's Dice per compute-hour
         result = run_stages(
             cfg, run_id, train_name,
-            train=lambda c, rid, name: run_trainer(c, rid, uri, name, callbacks if rid else None),
+            train=cost.timed(lambda c, rid, name: run_trainer(c, rid, uri, name,
+                                                              callbacks if rid else None)),
             log_metrics=logger.log_metrics, log_files=logger.log_files)
+        logger.log_metrics(cost.metrics())
         _log_model(logger, result, cfg)
     except BaseException:
         if stopped():

@@ -25,7 +25,7 @@ from semiseg.distributed.cluster import connect, storage_path
 from semiseg.distributed.progress import SweepProgress, TrialProgress, ray_output
 from semiseg.distributed.stopped import FreeStoppedTrials
 from semiseg.distributed.train import run_tracked_trial
-from semiseg.errors import SemisegError
+from semiseg.errors import ConfigError, SemisegError
 from semiseg.methods import FULL_SUPERVISION_METHOD
 from semiseg.preflight import check_paths
 
@@ -34,12 +34,17 @@ def expand_grid(cfg: Config) -> list[dict[str, Any]]:
     """One plain config dict per trial: methods x their param grids x fractions x seeds, plus
     the full-supervision method at fraction 1.0 per seed when sweep.full_supervision is on."""
     base = cfg.to_dict()
+    if cfg.data.labeled_cases and len(set(cfg.sweep.label_fractions)) > 1:
+        raise ConfigError(f"data.labeled_cases={cfg.data.labeled_cases} fixes the labeled cases, "
+                          f"so sweep.label_fractions={cfg.sweep.label_fractions} would train one "
+                          "split several times; give one label fraction or data.labeled_cases=0")
     trials = []
     for setting in method_grid(cfg):
         for fraction, seed in itertools.product(cfg.sweep.label_fractions, cfg.sweep.seeds):
             trials.append(_trial(base, setting.name, setting.params, fraction, seed))
     if cfg.sweep.full_supervision:
-        full = [_trial(base, FULL_SUPERVISION_METHOD, {}, 1.0, seed) for seed in cfg.sweep.seeds]
+        every = {**base, "data": {**base["data"], "labeled_cases": 0}}  # all cases labeled
+        full = [_trial(every, FULL_SUPERVISION_METHOD, {}, 1.0, seed) for seed in cfg.sweep.seeds]
         trials += [t for t in full if t not in trials]
     # Seed-major order: a partial sweep already compares every method on the first seeds.
     return sorted(trials, key=lambda t: t["train"]["seed"])

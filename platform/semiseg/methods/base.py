@@ -96,10 +96,28 @@ class Method(ABC):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch, e.g. to refresh a reference bank."""
 
+    def set_labeled_set(self, images: Tensor, masks: Tensor, index: Tensor) -> None:
+        """Called once before training with every labeled image (N, 1, H, W), its mask (N, H, W)
+        and dataset index (N,), unaugmented and on the training device, e.g. for a reference
+        bank over the whole labeled set. Never the unlabeled images' masks. Default: ignored."""
+
     def fixed_targets(self, index: Tensor) -> Tensor | None:
         """Per-image labels fixed before training (e.g. SAM-refined pseudo-labels) for unlabeled
         dataset indices, -1 where none; the engine warps them with the images. None: no such labels."""
         return None
+
+    @classmethod
+    def model_options(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Keywords for `semiseg.models.create_model` that this method's network needs, given
+        its `method.params` (e.g. local_contrastive's extra segmentation convolutions). Default:
+        none, the configured model as it is."""
+        return {}
+
+    def trained_modules(self) -> list[nn.Module]:
+        """Networks the method owns and trains beside the model (e.g. a projection head used
+        only by a loss): the engine hands their parameters to the optimizer and clips their
+        gradients with the model's; `state_dict` checkpoints them. Default: none."""
+        return []
 
     @classmethod
     def stages(cls, cfg: Any) -> list[Stage]:

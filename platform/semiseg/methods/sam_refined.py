@@ -2,7 +2,9 @@
 Approach Refining Pseudo Labels for Medical Segmentation", arXiv 2411.12602).
 
 A U-Net trained on the labeled images predicts coarse masks on the unlabeled images; boxes and
-seed points taken from them prompt SAM, whose refined masks become pseudo-labels; a model then
+seed points taken from them prompt SAM, whose refined masks become pseudo-labels (SAM works at
+each image's source resolution, and a quality gate chosen on val keeps the coarse mask where SAM
+did not help: semiseg.sam.native, semiseg.sam.gate); a model then
 trains on the labeled images plus those pseudo-labels as if they were labels. This method is
 that last step: it reads the refined pseudo-labels from a manifest written by
 `semiseg pseudolabel` (semiseg.sam + semiseg.distributed.pseudolabel). A trial runs the whole
@@ -19,6 +21,8 @@ Hyperparameters:
   sets as one, i.e. weight 1).
 - min_sam_iou = 0.0: a class whose SAM-predicted IoU in an image is below this is left out of
   that image's pseudo-label (ignored, not background); 0 keeps every refined mask, as the paper.
+  It acts only where SAM's mask was used: the quality gate (`sam.gate`, semiseg.sam.gate) may
+  have kept the coarse mask of a class in an image, and then the manifest says so.
 - rounds = 1: coarse -> refine -> retrain rounds a trial runs (the paper: one).
 """
 
@@ -136,7 +140,9 @@ def _load_targets(manifest: str, num_classes: int, min_sam_iou: float) -> tuple[
             raise SemisegError(f"{row['path']}: label {int(mask.max())} outside the {num_classes} classes")
         for class_id, column in enumerate(iou_columns, start=1):
             score = row[column]
-            if not math.isnan(score) and score < min_sam_iou:
+            # where the quality gate kept the coarse mask, SAM's score says nothing about it
+            used = row.get(column.replace("sam_iou/", "sam_used/"), 1.0)
+            if used and not math.isnan(score) and score < min_sam_iou:
                 mask[mask == class_id] = -1
         labels.append(torch.from_numpy(mask))
     indices = torch.as_tensor(frame["index"].to_numpy().copy(), dtype=torch.long)

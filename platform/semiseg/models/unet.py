@@ -46,10 +46,16 @@ class UNet(nn.Module):
     ``base_channels * 2**depth`` bottleneck. The last decoder stage has ``base_channels``
     channels at full input resolution; that map is what ``return_features`` exposes
     (``feature_dim == base_channels``) for contrastive / nearest-reference methods.
+
+    ``seg_convs=True`` puts two 3x3 conv-BN-ReLU layers (width ``base_channels``) before the 1x1
+    classifier, both inside ``head`` (keys ``head.0.*``, ``head.1.*``): the segmentation-specific
+    layers of Chaitanya et al. (krishnabits001/pseudo_label_contrastive_training, ``seg_c1_a/b``),
+    so features stay the decoder map and a contrastive loss on them is not the classifier's input.
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, base_channels: int = 16, depth: int = 3
+        self, in_channels: int, num_classes: int, base_channels: int = 16, depth: int = 3,
+        seg_convs: bool = False,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -78,6 +84,8 @@ class UNet(nn.Module):
             Up(widths[i + 1], widths[i], widths[i]) for i in reversed(range(depth))
         )
         self.head = nn.Conv2d(base_channels, num_classes, kernel_size=1)
+        if seg_convs:  # Chaitanya et al.'s g_xi: the head gets layers of its own (local_contrastive)
+            self.head = nn.Sequential(DoubleConv(base_channels, base_channels), self.head)
 
     @property
     def size_divisor(self) -> int:
@@ -85,9 +93,16 @@ class UNet(nn.Module):
         return 2**self.depth
 
     def forward(
-        self, x: torch.Tensor, return_features: bool = False, feature_dropout: float | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, return_features: bool = False, feature_dropout: float | None = None,
+        return_decoder_maps: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, num_classes, H, W), or (logits, features (B, feature_dim, H, W)).
+
+        With ``return_decoder_maps`` it returns (logits, every decoder stage's output map,
+        coarsest first): stage i has ``base_channels * 2**(depth - 1 - i)`` channels at
+        ``1 / 2**(depth - 1 - i)`` of the input size, and the last map is the one
+        ``return_features`` gives. For methods that match pixels on a layer other than the one
+        the head classifies (reference_guided's ``feature_layer``).
 
         With ``feature_dropout=p`` it returns (clean logits, perturbed logits) instead: the
         perturbed branch decodes the encoder features (every skip and the bottleneck) after
@@ -97,7 +112,13 @@ class UNet(nn.Module):
         A keyword of ``forward`` (not a second method) so that a DDP wrapper still syncs grads.
         """
         self._check_input(x)
+        if return_decoder_maps and (return_features or feature_dropout is not None):
+            raise ValueError("UNet: return_decoder_maps cannot be combined with "
+                             "return_features or feature_dropout")
         skips, bottom = self._encode(x)
+        if return_decoder_maps:
+            maps = self._decode_maps(skips, bottom)
+            return self.head(maps[-1]), maps
         if feature_dropout is None:
             x = self._decode(skips, bottom)
             logits = self.head(x)
@@ -135,6 +156,14 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         return skips, self.bottleneck(x)
+
+    def _decode_maps(self, skips: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """Every decoder stage's output, coarsest first; the last is `_decode`'s map."""
+        maps = []
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            x = decoder(x, skip)
+            maps.append(x)
+        return maps
 
     def _decode(self, skips: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The last decoder map (B, feature_dim, H, W) from the encoder's features."""

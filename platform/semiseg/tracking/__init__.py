@@ -20,6 +20,7 @@ from semiseg.tracking.liveness import HEARTBEAT_TAG, Heartbeat, end_stale_runs
 from semiseg.tracking.logger import SPOOL_WAIT_S, RunLogger, flush_spools
 from semiseg.tracking.queries import (
     download_checkpoint,
+    json_artifacts,
     metric_histories,
     parent_runs,
     per_image_metrics,
@@ -32,6 +33,7 @@ from semiseg.tracking.runs import (
     END_REASON_TAG,
     EXPERIMENT_KIND_TAG,
     PARENT_TAG,
+    PER_CASE_ARTIFACT,
     PER_IMAGE_ARTIFACT,
     ROLE_TAG,
     TRAINING_KIND,
@@ -47,10 +49,10 @@ from semiseg.tracking.spool import SPOOL_GLOB, Spool, describe, spool_path, spoo
 
 __all__ = [
     "CLOSED_BY_TAG", "CONFIG_HASH_TAG", "END_REASON_TAG", "EXPERIMENT_KIND_TAG", "HEARTBEAT_TAG",
-    "PARENT_TAG", "PER_IMAGE_ARTIFACT", "ROLE_TAG", "SPOOL_GLOB", "SPOOL_WAIT_S", "TRAINING_KIND",
+    "PARENT_TAG", "PER_CASE_ARTIFACT", "PER_IMAGE_ARTIFACT", "ROLE_TAG", "SPOOL_GLOB", "SPOOL_WAIT_S", "TRAINING_KIND",
     "VERSION_TAG", "Heartbeat", "MlflowCallback", "RunLogger", "Spool", "TrackingUnavailable",
     "TrackingWarning", "check_reachable", "close_open_children", "describe",
     "download_checkpoint", "end_stale_runs", "ensure_experiment", "finished_hashes",
-    "flush_spools", "metric_histories", "parent_runs", "per_image_metrics", "resolve_uri",
+    "flush_spools", "json_artifacts", "metric_histories", "parent_runs", "per_image_metrics", "resolve_uri",
     "runs_page", "search_runs", "source_tags", "spool_path", "spool_root", "start_run",
 ]

@@ -11,12 +11,12 @@ from typing import Any
 
 from semiseg.tracking.errors import TrackingWarning
 from semiseg.tracking.logger import RunLogger
-from semiseg.tracking.runs import PER_IMAGE_ARTIFACT
+from semiseg.tracking.runs import PER_CASE_ARTIFACT, PER_IMAGE_ARTIFACT
 
 
 class MlflowCallback:
-    """Engine callback (rank 0): epoch metrics, then test metrics, per-image test metrics and
-    overlays of a trial.
+    """Engine callback (rank 0): epoch metrics, then test metrics, per-image test metrics (and
+    per-case ones for a volume dataset) and overlays of a trial.
 
     skip_epochs: epochs the run already has (or spools), so a worker restarted from a
     checkpoint older than its last logged epoch logs each epoch once.
@@ -42,6 +42,9 @@ class MlflowCallback:
         per_image = per_image_rows(getattr(result, "per_image", None))
         if per_image:  # rewritten whole on a restart: the same file, never a duplicate
             self.logger.log_dict(per_image, PER_IMAGE_ARTIFACT)
+        per_case = per_image_rows(getattr(result, "per_case", None), PER_CASE_ARTIFACT)  # volumes
+        if per_case:
+            self.logger.log_dict(per_case, PER_CASE_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
             if write_overlays(result.examples, Path(tmp)):
                 self.logger.log_files(Path(tmp), "overlays")
@@ -50,7 +53,7 @@ class MlflowCallback:
         self.logger.close()
 
 
-def per_image_rows(per_image: Any) -> list[dict[str, Any]]:
+def per_image_rows(per_image: Any, artifact: str = PER_IMAGE_ARTIFACT) -> list[dict[str, Any]]:
     """FitResult.per_image ({id, metric: value} per test image) as plain JSON: numbers become
     floats and undefined ones (NaN, inf) null, so any JSON reader can parse the artifact.
     [] when there is nothing to log; a malformed value is named in a warning, not raised,
@@ -59,7 +62,7 @@ def per_image_rows(per_image: Any) -> list[dict[str, Any]]:
         return []
     if not isinstance(per_image, list) or not all(isinstance(row, dict) for row in per_image):
         warnings.warn(f"FitResult.per_image is not a list of dicts (got {type(per_image).__name__}"
-                      f"); {PER_IMAGE_ARTIFACT} is not logged", TrackingWarning, stacklevel=3)
+                      f"); {artifact} is not logged", TrackingWarning, stacklevel=3)
         return []
     return [{key: _plain(value) for key, value in row.items()} for row in per_image]
 

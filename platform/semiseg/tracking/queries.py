@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -80,6 +81,22 @@ def per_image_metrics(uri: str, run_ids: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=["run_id", "id"])
     metric_keys = [c for c in frame.columns if c not in ("run_id", "id")]
     return frame[["run_id", "id", *metric_keys]].astype({k: float for k in metric_keys})
+
+
+def json_artifacts(uri: str, run_ids: list[str], artifact: str) -> dict[str, Any]:
+    """A top-level JSON artifact (e.g. split_summary.json) of each given run, parsed:
+    {run_id: value}; runs without it are absent."""
+    client = MlflowClient(uri)
+    found: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="semiseg-json-") as tmp:
+        for run_id in run_ids:
+            if artifact not in {a.path for a in client.list_artifacts(run_id)}:
+                continue
+            folder = Path(tmp) / run_id
+            folder.mkdir()
+            found[run_id] = json.loads(Path(client.download_artifacts(run_id, artifact,
+                                                                      str(folder))).read_text())
+    return found
 
 
 def download_checkpoint(uri: str, run_id: str) -> Path:

@@ -21,6 +21,7 @@ CONFIG_HASH_TAG = "semiseg.config_hash"
 ROLE_TAG = "semiseg.role"  # "sweep" for a parent run, "trial" for a child run
 PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests child runs under a parent
 PER_IMAGE_ARTIFACT = "test_per_image.json"  # a trial's per-test-image metrics, for bootstrap CIs
+PER_CASE_ARTIFACT = "test_per_case.json"  # volume datasets: per test case Dice / HD95 (mm)
 CLOSED_BY_TAG = "semiseg.closed_by"  # who ended a run that could not end itself
 END_REASON_TAG = "semiseg.end_reason"  # and why
 # MLflow 3's experiment kind: model training, not GenAI. The key and value are those the UI's
