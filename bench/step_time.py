@@ -23,7 +23,9 @@ from semiseg.config import load_config
 from semiseg.data import SegData, load_dataset
 from semiseg.data.splits import Split, make_split
 from semiseg.engine import Trainer, build_trainer
-from semiseg.methods import METHODS
+from semiseg.checkpoint_io import CHECKPOINT_FILE
+from semiseg.methods import METHODS, PseudoLabelStage, TrainStage
+from semiseg.models import create_model
 from semiseg.pseudo_quality import PseudoLabelScore
 from semiseg.sam.store import PseudoLabelStore
 
@@ -36,7 +38,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def dataset(overrides: list[str]) -> tuple[SegData, Split, str]:
-    """The dataset, its split and a sam_refined manifest, made once per process and size."""
+    """The dataset, its split and a pseudo-label manifest, made once per process and size."""
     key = tuple(overrides)
     if key not in _DATASETS:
         cfg = load_config(None, overrides)
@@ -52,13 +54,41 @@ def build(method: str, args: argparse.Namespace, device: torch.device, extra: Se
     train.compile=true) and `wrap_model` is build_trainer's (e.g. Ray's prepare_model)."""
     overrides = base_overrides(args)
     data, split, manifest = dataset(overrides)
-    own = [f"method.params.manifest={manifest}"] if method == "sam_refined" else []
-    cfg = load_config(None, [*overrides, *extra, f"method.name={method}", *own])
+    cfg = load_config(None, [*overrides, *extra, f"method.name={method}"])
+    inputs = stage_inputs(cfg, data, manifest)
+    if inputs:
+        cfg = load_config(None, [*overrides, *extra, f"method.name={method}", *inputs])
     return build_trainer(cfg, data, split, device, wrap_model=wrap_model)
 
 
+def stage_inputs(cfg, data: SegData, manifest: str) -> list[str]:
+    """Overrides for what a multi-stage method's last stage reads from earlier stages, as
+    stand-ins: a manifest of the true masks for a PseudoLabelStage, a fresh U-Net of this config
+    for a TrainStage. A step's time does not depend on their values."""
+    stages = METHODS.get(cfg.method.name).stages(cfg)
+    kinds = {stage.name: type(stage) for stage in stages}
+    out = []
+    for param, source in stages[-1].inputs.items():
+        if kinds[source] is PseudoLabelStage:
+            out.append(f"method.params.{param}={manifest}")
+        elif kinds[source] is TrainStage:
+            out.append(f"method.params.{param}={fresh_checkpoint(cfg, data)}")
+        else:
+            raise TypeError(f"{cfg.method.name}: no bench stand-in for a {kinds[source].__name__}")
+    return out
+
+
+def fresh_checkpoint(cfg, data: SegData) -> str:
+    """A checkpoint folder holding an untrained U-Net of `cfg.model` as its `best_model`."""
+    model = create_model(cfg.model.name, data.in_channels, data.num_classes,
+                         cfg.model.base_channels, cfg.model.depth)
+    folder = tempfile.mkdtemp(prefix="semiseg-bench-init-")
+    torch.save({"best_model": model.state_dict()}, f"{folder}/{CHECKPOINT_FILE}")
+    return folder
+
+
 def pseudo_manifest(data, split) -> str:
-    """sam_refined trains on fixed pseudo-labels; their values do not change its step time."""
+    """A method trained on fixed pseudo-labels: their values do not change its step time."""
     store = PseudoLabelStore(tempfile.mkdtemp(prefix="semiseg-bench-"), data.classes)
     for index in split.unlabeled:
         store.write(index, data.ids[index], data.masks[index], {})

@@ -29,7 +29,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-StageInputs = Callable[[str, Iterable[int], tuple[int, int], int], dict[str, str]]
+StageInputs = Callable[..., dict[str, str]]
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,8 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> StageInputs:
     """`stage_inputs(method, indices, (H, W), num_classes)`: the method params that its last
     stage reads from earlier stages, filled with stand-ins for the images at dataset `indices`
     (a PseudoLabelStage's output: a manifest of random labels, never a real mask; a TrainStage's:
-    a checkpoint of the tests' small U-Net). {} for a single-stage method."""
+    a checkpoint of a U-Net of `base_channels` and `depth`, the tests' small one unless given).
+    {} for a single-stage method."""
     made: dict[tuple, str] = {}
 
     def manifest(indices: tuple[int, ...], shape: tuple[int, int], num_classes: int) -> str:
@@ -51,17 +52,17 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> StageInputs:
             made[key] = str(store.write_manifest())
         return made[key]
 
-    def checkpoint(num_classes: int) -> str:
+    def checkpoint(num_classes: int, base_channels: int, depth: int) -> str:
         """A TrainStage's output: a checkpoint folder whose model (`best_model`) is the small
         U-Net the registry-wide tests build (tests/test_methods_registry.py `build`), seeded,
         its head unbiased and sharpened so that, like a trained model, it predicts several
         classes (a fresh one predicts one class everywhere)."""
-        key = ("checkpoint", num_classes)
+        key = ("checkpoint", num_classes, base_channels, depth)
         if key not in made:
             folder = tmp_path_factory.mktemp("checkpoint")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(1)
-                model = create_model("unet", 1, num_classes, base_channels=4, depth=2)
+                model = create_model("unet", 1, num_classes, base_channels=base_channels, depth=depth)
             with torch.no_grad():
                 model.head.bias.zero_()
                 model.head.weight.mul_(30.0)
@@ -69,14 +70,14 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> StageInputs:
             made[key] = str(folder)
         return made[key]
 
-    def inputs(method: str, indices: Iterable[int], shape: tuple[int, int],
-               num_classes: int) -> dict[str, str]:
+    def inputs(method: str, indices: Iterable[int], shape: tuple[int, int], num_classes: int,
+               base_channels: int = 4, depth: int = 2) -> dict[str, str]:
         stages = METHODS.get(method).stages(Config(method=MethodConfig(method)))
         kinds = {stage.name: type(stage) for stage in stages}
         params = {}
         for param, source in stages[-1].inputs.items():
             if kinds[source] is TrainStage:
-                params[param] = checkpoint(num_classes)
+                params[param] = checkpoint(num_classes, base_channels, depth)
             elif kinds[source] is PseudoLabelStage:
                 params[param] = manifest(tuple(indices), tuple(shape), num_classes)
             else:

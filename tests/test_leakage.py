@@ -33,7 +33,7 @@ from semiseg.methods import METHODS
 
 CPU = torch.device("cpu")
 TINY = ["data.image_size=16", "data.batch_size=2", "data.label_fraction=0.25",
-        "model.base_channels=2", "model.depth=1", "train.epochs=2", "train.steps_per_epoch=2",
+        "model.base_channels=2", "model.depth=2", "train.epochs=2", "train.steps_per_epoch=2",
         "train.device=cpu"]
 
 
@@ -78,7 +78,8 @@ def folder_config(root: Path, *overrides: str) -> Config:
 def inputs_for(name: str, data: SegData, split: Split, stage_inputs) -> list[str]:
     """Overrides setting what a multi-stage method's last stage reads from earlier stages, as
     stand-ins for the split's unlabeled images (tests/conftest.py); none for most methods."""
-    inputs = stage_inputs(name, split.unlabeled, data.masks.shape[1:], data.num_classes)
+    inputs = stage_inputs(name, split.unlabeled, data.masks.shape[1:], data.num_classes,
+                          base_channels=2, depth=2)  # TINY's model
     return [f"method.params.{key}={value}" for key, value in inputs.items()]
 
 

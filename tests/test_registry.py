@@ -63,7 +63,7 @@ def test_every_discovered_module_registers(package, skip: set[str], registry: Re
 
 
 def test_dataset_names_unchanged() -> None:
-    assert DATASETS.names() == ["folder", "mni-tissue", "nifti", "synthetic"]
+    assert DATASETS.names() == ["folder", "mni-tissue", "nifti", "nnunet", "synthetic"]
 
 
 def test_config_schema_imports_no_dataset_code() -> None:

@@ -13,6 +13,8 @@ et al. 2015 ("How much data is needed to train a medical image deep learning sys
 necessary high accuracy?", arXiv:1511.06348) fit to medical learning curves. Its inverse gives
 the budget for a target T < a: n = (b / (a - T))**(1/c); at T >= a it is never reached.
 Full supervision is supervised-only at label fraction 1.0, as everywhere in the report.
+A method whose Dice falls with more labels gets no curve (n/a, the fit's b clips at 0), and
+a fit whose weighted RMS residual exceeds POOR_FIT says so in its status.
 
 Fitting: weighted least squares on the per-fraction mean Dice (weights: seeds), exactly for
 (a, b) at each c of a log grid (C_GRID) and the c with the least error kept; no iterative
@@ -43,8 +45,9 @@ from semiseg.report_bands import Resampled
 TARGETS = (0.90, 0.95)
 C_GRID = np.geomspace(0.02, 4.0, 240)  # exponents of the power law the fit chooses from
 MIN_BUDGETS = 3
+POOR_FIT = 0.03  # weighted RMS residual (Dice) of the fit to the per-fraction means, flagged
 COLUMNS = ["method", "target", "target_dice", "labels", "ci_low", "ci_high", "swept_min",
-           "swept_max", "unit", "status", "a", "b", "c"]
+           "swept_max", "unit", "status", "fit_rms", "a", "b", "c"]
 
 
 @dataclass
@@ -137,13 +140,19 @@ def _method_rows(method: str, group: pd.DataFrame, resampled: dict[tuple[str, fl
     elif points.nunique() < MIN_BUDGETS:
         reason = (f"n/a: {points.nunique()} swept budget(s); the curve needs {MIN_BUDGETS} "
                   "(more sweep.label_fractions)")
+    if reason is None:
+        counts = points.to_numpy(float)
+        weights = np.array([s.seeds for s in settings], float)
+        means = np.array([s.mean for s in settings])
+        point = fit_power_law(counts, means, weights)
+        if point.b[0] <= 0:
+            reason = ("n/a: its test Dice does not rise with the labeled count over the swept "
+                      "budgets, so no saturating curve fits")
     if reason:
         return [{**base, "target": t, "target_dice": t * full.mean if full else np.nan,
                  "labels": np.nan, "ci_low": np.nan, "ci_high": np.nan, "status": reason}
                 for t in targets]
-    counts = points.to_numpy(float)
-    weights = np.array([s.seeds for s in settings], float)
-    point = fit_power_law(counts, [s.mean for s in settings], weights)
+    rms = float(np.sqrt(np.average((means - point.dice(counts)[0]) ** 2, weights=weights)))
     boot = None
     if all(s.replicates is not None for s in settings) and full.replicates is not None:
         boot = fit_power_law(counts, np.stack([s.replicates for s in settings], axis=1), weights)
@@ -156,8 +165,10 @@ def _method_rows(method: str, group: pd.DataFrame, resampled: dict[tuple[str, fl
             low, high = (float(np.quantile(needed, q, method="inverted_cdf")) for q in (0.025, 0.975))
         rows.append({**base, "target": t, "target_dice": t * full.mean, "labels": estimate,
                      "ci_low": low, "ci_high": high,
-                     "status": _status(estimate, high, point, t * full.mean, points),
-                     "a": float(point.a[0]), "b": float(point.b[0]), "c": float(point.c[0])})
+                     "status": _status(estimate, high, point, t * full.mean, points)
+                     + (f"; poor fit (RMS residual {rms:.3f})" if rms > POOR_FIT else ""),
+                     "fit_rms": rms, "a": float(point.a[0]), "b": float(point.b[0]),
+                     "c": float(point.c[0])})
     return rows
 
 

@@ -57,22 +57,31 @@ def test_dashboard_of_a_real_sweep(ray_local, tmp_path: Path, sqlite_uri: str, t
     assert main(["report", "quickstart", "--uri", sqlite_uri, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "test Dice" in printed and f"logged to MLflow run {outcome.parent_run_id}" in printed
-    assert {"index.html", "label_efficiency.png", "pseudo_quality.png"} <= {p.name for p in out.iterdir()}
+    # gallery.png only exists when every shown prediction, recomputed from its trial's logged
+    # model, matches the per-image Dice the trial logged (report_gallery.check_logged).
+    figures = {"index.html", "label_efficiency.png", "pseudo_quality.png", "gallery.png"}
+    assert figures <= {p.name for p in out.iterdir()}
     client = MlflowClient(outcome.uri)
     logged = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "dashboard")}
-    assert {"index.html", "label_efficiency.png", "pseudo_quality.png"} <= logged
+    assert figures <= logged
 
     profile = tmp_path / "chromium-profile"
     dom = _chromium(out / "index.html", profile, "--dump-dom").stdout
     total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
-    assert loaded == total >= 2
+    assert loaded == total >= 3  # curves, gallery, pseudo-label quality
     dice_rows = _rows(dom, "dice-table")
     assert len(dice_rows) == len(METHODS) and all(any(m in r for r in dice_rows) for m in METHODS)
     best_rows = _rows(dom, "best-configs")
     assert {m for m in METHODS if any(f"<td>{m}</td>" in r for r in best_rows)} == METHODS
     assert len(best_rows) == 4 and "threshold" in "".join(best_rows)
     assert len(_rows(dom, "per-class")) == 4
+    assert all("[" in r for r in dice_rows)  # every cell carries its bootstrap CI
+    planner = _rows(dom, "planner")  # 2 fractions swept: too few budgets for a curve, and says so
+    assert len(planner) == 4 and all("n/a: 2 swept budget(s)" in r for r in planner)
+    cost = _rows(dom, "cost")  # cost/cpu_s logged by each trial (distributed.cost)
+    assert len(cost) == 4 and all(re.search(r"<td>0\.\d{4}</td>", r) for r in cost)
+    assert "gallery.png" in dom and "Dice gained per extra compute-hour" in dom
 
     shot = tmp_path / "dashboard.png"
     _chromium(out / "index.html", profile, f"--screenshot={shot}", "--window-size=1280,2000",

@@ -1,5 +1,11 @@
-"""nnU-Net and Decathlon fixture datasets (two channels, anisotropic cases) through a real
-`semiseg sweep`: local Ray, Tune trials, MLflow, labels counted by case."""
+"""An nnU-Net v2 fixture dataset (two channels, anisotropic cases) through a real `semiseg
+sweep`: local Ray, a Tune trial, MLflow, labels counted by case.
+
+One trial, on the v2 layout: a trial costs 12-15 s of fixed Ray overhead (docs/BENCHMARKS.md,
+P1-cpu), and the Decathlon copy of the same cases loads to the identical arrays
+(tests/data/test_nnunet.py::test_msd_layout_reads_the_same_cases), so a second sweep on it
+would add that overhead and test nothing new. To run it anyway: parametrize `variant` with
+"msd" (measured: +25 s)."""
 
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ def _artifact(client: MlflowClient, run_id: str, name: str, where: Path):
     return json.loads(Path(client.download_artifacts(run_id, name, str(where))).read_text())
 
 
-@pytest.mark.parametrize("variant", ["v2", "msd"])
-def test_nnunet_layouts_through_a_sweep(ray_local, tmp_path: Path, tiny_config, nnunet_dataset,
+@pytest.mark.parametrize("variant", ["v2"])
+def test_nnunet_dataset_through_a_sweep(ray_local, tmp_path: Path, tiny_config, nnunet_dataset,
                                         variant: str) -> None:
     root = nnunet_dataset(tmp_path / variant, variant, cases=6)
     cfg = tiny_config("data.name=nnunet", f"data.root={root}", "data.image_size=16",
-                      "data.val_fraction=0.2", "data.labeled_cases=2",
-                      "sweep.label_fractions=[0.5]", "train.epochs=1", "train.steps_per_epoch=2")
+                      "data.labeled_cases=2",
+                      "sweep.label_fractions=[0.5]", "train.epochs=1", "train.steps_per_epoch=2",
+                      "tracking.overlays=1")  # the logged model's example is (2, 2, 16, 16)
     outcome = run_sweep(cfg, f"it-{variant}")
     client = MlflowClient(outcome.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
@@ -36,7 +43,7 @@ def test_nnunet_layouts_through_a_sweep(ray_local, tmp_path: Path, tiny_config, 
     for name in ("box", "bar"):
         assert 0.0 <= run.data.metrics[f"test/dice/{name}"] <= 1.0
     summary = _artifact(client, run.info.run_id, "split_summary.json", tmp_path / "s")
-    assert summary["labeling"] == {"unit": "case", "labeled_groups": 2, "train_groups": 3}
+    assert summary["labeling"] == {"unit": "case", "labeled_groups": 2, "train_groups": 4}
     manifest = _artifact(client, run.info.run_id, "split_manifest.json", tmp_path / "m")
     roles: dict[str, set[str]] = {}
     for row in manifest:

@@ -33,9 +33,10 @@ BAD = [
     ("low_confidence", "rampup_fraction", 1.01, "expected a value in [0, 1]"),
     ("local_contrastive", "temperature", -0.1, "expected a value > 0"),
     ("local_contrastive", "contrastive_weight", -1.0, "expected a value >= 0"),
-    ("local_contrastive", "samples_per_class", 1, "expected an integer >= 2"),
-    ("local_contrastive", "refresh_epochs", 0, "expected an integer >= 1"),
-    ("local_contrastive", "rounds", -1, "expected an integer >= 0"),
+    ("local_contrastive", "positives", 0, "expected an integer >= 1"),
+    ("local_contrastive", "min_class_pixels", 0, "expected an integer >= 1"),
+    ("local_contrastive", "rounds", 0, "expected an integer >= 1"),
+    ("local_contrastive", "min_agreement", 1.5, "expected a value in [0, 1]"),
 ]
 
 
@@ -55,7 +56,8 @@ def test_out_of_range_value_names_key_value_and_range(name, key, value, expected
     ("reference_guided", {"k": 1, "bank_size": 1, "chunk_size": 1, "similarity_threshold": -1.0,
                           "feature_ema": 0.0}),
     ("low_confidence", {"threshold": 0.0, "prototype_momentum": 0.0, "temperature": 1e-3}),
-    ("local_contrastive", {"samples_per_class": 2, "refresh_epochs": 1, "rounds": 0}),
+    ("local_contrastive", {"positives": 1, "min_class_pixels": 1, "rounds": 1,
+                           "min_agreement": 1.0}),
 ])
 def test_values_at_the_ends_of_a_range_are_accepted(name, params) -> None:
     cfg = method_config(name, params)

@@ -30,11 +30,13 @@ def batches(step: int) -> tuple[Batch, Batch]:
     return lab, Batch(u, 0.8 * u + 0.2 * torch.randn(2, 1, 16, 16, generator=g), None, torch.arange(2))
 
 
-def build(name: str):
+def build(name: str, params: dict | None = None):
+    """`params`: what a multi-stage method's last stage reads from earlier ones (stage_inputs)."""
     torch.manual_seed(0)
-    model = create_model("unet", 1, K, base_channels=4, depth=2)
+    model = create_model("unet", 1, K, base_channels=4, depth=2,
+                         **METHODS.get(name).model_options(params or {}))
     model.train()
-    return METHODS.get(name)(model, method_config(name, {}), K)
+    return METHODS.get(name)(model, method_config(name, params or {}), K)
 
 
 def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,8 +85,8 @@ def test_ema_copy_keeps_its_own_batchnorm_statistics(name: str) -> None:
     ("mean_teacher", "teacher"), ("low_confidence", "teacher"), ("reference_guided", "student"),
     ("pseudo_label", "student"), ("local_contrastive", "student"), ("supervised", "student"),
 ])
-def test_which_network_is_evaluated(name: str, evaluates: str) -> None:
-    method = build(name)
+def test_which_network_is_evaluated(name: str, evaluates: str, stage_inputs) -> None:
+    method = build(name, stage_inputs(name, range(2), (16, 16), K))  # tests/conftest.py
     assert type(method).evaluates == evaluates
     if evaluates == "teacher":
         assert method.eval_model() is method.teacher and method.teacher is not method.model

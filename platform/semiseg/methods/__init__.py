@@ -9,7 +9,7 @@ from semiseg.methods.stages import PseudoLabelStage, Stage, TrainStage
 from semiseg.registry import import_modules
 
 # The package's helper modules: everything else is a method file.
-_NOT_METHODS = {"base", "common", "cutmix", "losses", "registry", "stages"}
+_NOT_METHODS = {"base", "common", "cutmix", "local_contrastive_loss", "losses", "registry", "stages"}
 
 import_modules(__name__, __path__, skip=_NOT_METHODS)
 

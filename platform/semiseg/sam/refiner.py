@@ -266,13 +266,19 @@ class SamRefiner:
                policy: str = "largest", min_size: int = 1) -> list[Refined]:
         """Refined label maps for uint8 RGB images and their coarse label maps."""
         embeddings, sizes = self.embed(images)
+        return self.refine_embedded(embeddings, sizes, [tuple(im.shape[:2]) for im in images], coarse,
+                                    num_classes, policy, min_size)
+
+    def refine_embedded(self, embeddings: Tensor, sizes: list[tuple[int, int]], originals: list[tuple[int, int]],
+                        coarse: list[np.ndarray], num_classes: int, policy: str = "largest",
+                        min_size: int = 1) -> list[Refined]:
+        """`refine` on embeddings from `embed` (so several prompting variants share one encoder run)."""
         per_image = [prompts_from_mask(mask, num_classes, policy, min_size) for mask in coarse]
-        originals = [tuple(image.shape[:2]) for image in images]
         if self.cross_image:
             decoded = self.decode_images(embeddings, per_image, originals, sizes)
         else:
             decoded = [self.decode(embeddings[i:i + 1], per_image[i], originals[i], sizes[i])
-                       for i in range(len(images))]
+                       for i in range(len(coarse))]
         out = []
         for prompts, shape, (masks, scores) in zip(per_image, originals, decoded):
             if not prompts:
