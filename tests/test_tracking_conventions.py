@@ -105,6 +105,36 @@ def test_dataset_inputs_train_val_test_with_digests_and_source(store, tmp_path) 
     assert generated["source_type"] == "code" and "semiseg" in generated["source"]
 
 
+def test_trials_logging_the_same_dataset_at_once_all_succeed(tmp_path) -> None:
+    """Concurrent trials of a sweep log the same val/test datasets into one experiment; MLflow's
+    lookup-then-insert races there (CI saw `UNIQUE constraint failed: datasets...`)."""
+    import threading
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = tracking.ensure_experiment(uri, "race")
+    data_cfg = {"name": "folder", "root": str(tmp_path), "image_size": 32, "label_fraction": 0.25}
+    for attempt in range(3):
+        runs = [tracking.start_run(uri, exp_id, f"r{attempt}-{i}", "trial") for i in range(6)]
+        start, errors = threading.Barrier(len(runs)), []
+
+        def log(run_id: str) -> None:
+            start.wait()
+            try:
+                tracking.RunLogger(uri, run_id).log_dataset("folder", str(tmp_path), data_cfg,
+                                                            _manifest(attempt + 1))
+            except Exception as exc:  # collected: a thread's exception would be lost
+                errors.append(exc)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        client = MlflowClient(uri)
+        assert all(len(client.get_run(r).inputs.dataset_inputs) == 3 for r in runs)
+
+
 def test_model_spooled_then_logged_loads_back_and_registers(store, unreachable_uri, tmp_path,
                                                             monkeypatch) -> None:
     uri, exp_id = store

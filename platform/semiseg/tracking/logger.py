@@ -51,7 +51,7 @@ def _send(client: MlflowClient, run_id: str, op: str, data: Any) -> None:
     elif op == "files":
         client.log_artifacts(run_id, data["dir"], data["path"])
     elif op == "inputs":
-        client.log_inputs(run_id, datasets=to_dataset_inputs(data))
+        _log_inputs(client, run_id, data)
     elif op == "model":
         from semiseg.tracking.model import upload_model  # torch and mlflow.pytorch: only here
 
@@ -60,6 +60,17 @@ def _send(client: MlflowClient, run_id: str, op: str, data: Any) -> None:
         client.set_terminated(run_id, data["status"])
     else:
         raise ValueError(f"unknown spool operation {op!r}")
+
+
+def _log_inputs(client: MlflowClient, run_id: str, data: Any) -> None:
+    """`log_inputs`, once more if a concurrent trial inserted the same dataset (one digest per
+    experiment) between MLflow's lookup and its insert: the retry finds that row and links it."""
+    try:
+        client.log_inputs(run_id, datasets=to_dataset_inputs(data))
+    except Exception as exc:  # sqlalchemy's IntegrityError, raw or wrapped by MLflow
+        if "UNIQUE constraint failed: datasets" not in str(exc):
+            raise
+        client.log_inputs(run_id, datasets=to_dataset_inputs(data))
 
 
 class RunLogger:
