@@ -107,10 +107,11 @@ def _stage_label(stage) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     """One config = a one-trial sweep, always trained (live progress comes from Tune)."""
     from semiseg.config import load_config
-    from semiseg.distributed.tune import run_sweep
+
+    cfg = load_config(args.config, args.overrides)  # first: a bad config fails in a second
+    from semiseg.distributed.tune import run_sweep  # Ray, MLflow and torch: seconds to import
     from semiseg.report import finished_trials
 
-    cfg = load_config(args.config, args.overrides)
     cfg.sweep.methods, cfg.sweep.params = [cfg.method.name], {}
     cfg.sweep.label_fractions, cfg.sweep.seeds = [cfg.data.label_fraction], [cfg.train.seed]
     cfg.sweep.full_supervision = False
@@ -122,12 +123,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from semiseg import tracking
     from semiseg.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # first: a bad config fails in a second
+    from semiseg import tracking
     from semiseg.distributed.tune import run_sweep
     from semiseg.report import dice_table, finished_trials, format_table
 
-    cfg = load_config(args.config, args.overrides)
     name = args.name or f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.time()
     out = run_sweep(cfg, name, force=args.force, verbose=args.verbose)
@@ -140,11 +142,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_pseudolabel(args: argparse.Namespace) -> None:
     from semiseg.config import load_config
-    from semiseg.distributed.pseudolabel import run_pseudolabel
     from semiseg.preflight import check_paths
 
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
+    from semiseg.distributed.pseudolabel import run_pseudolabel  # after the checks: slow import
+
     out = run_pseudolabel(cfg, _coarse_checkpoint(args.checkpoint or cfg.sam.coarse_checkpoint, cfg), args.output)
     print(f"refined {out.refined} images ({out.skipped} already done) in {out.seconds:.0f} s; "
           f"manifest: {out.manifest}")
