@@ -20,14 +20,23 @@ def _children(uri: str, parent: str) -> list:
     return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
+# Two trials with 0.5 of the one (logical) GPU each, so the same sweep also shows that
+# fractional-GPU trials share a GPU at the same time; 8 steps an epoch so that they overlap.
+FRACTIONAL_GPU = ("ray.use_gpu=true", "ray.gpus_per_worker=0.5", "ray.cpus_per_worker=0.5",
+                  "ray.backend=gloo", "train.steps_per_epoch=8")
+
+
 def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
-    cfg = tiny_config("sweep.label_fractions=[0.1,1.0]")
+    cfg = tiny_config("sweep.label_fractions=[0.1,1.0]", *FRACTIONAL_GPU)
     outcome = run_sweep(cfg, "it-sweep")
     uri, parent = outcome.uri, outcome.parent_run_id
     client = MlflowClient(uri)
     assert client.get_run(parent).info.status == "FINISHED"
     children = _children(uri, parent)
     assert len(children) == 2
+    a, b = sorted(children, key=lambda r: r.info.start_time)
+    assert b.info.start_time < a.info.end_time, "the two 0.5-GPU trials did not overlap"
+    assert {r.data.params["ray.gpus_per_worker"] for r in children} == {"0.5"}
     assert {c.data.params["data.label_fraction"] for c in children} == {"0.1", "1.0"}
     for run in children:
         assert run.info.status == "FINISHED"
@@ -50,11 +59,11 @@ def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri:
     assert len(hashes) == 2  # label fraction is part of a run's identity
 
     # The same sweep again trains nothing; --force trains again.
-    again = run_sweep(tiny_config("sweep.label_fractions=[0.1,1.0]"), "it-again")
+    again = run_sweep(tiny_config("sweep.label_fractions=[0.1,1.0]", *FRACTIONAL_GPU), "it-again")
     assert again.skipped == 2 and set(again.config_hashes) == hashes
     assert _children(uri, again.parent_run_id) == []
     assert client.get_run(again.parent_run_id).info.status == "FINISHED"
-    forced = run_sweep(tiny_config("sweep.label_fractions=[1.0]"), "it-forced", force=True)
+    forced = run_sweep(tiny_config("sweep.label_fractions=[1.0]", *FRACTIONAL_GPU), "it-forced", force=True)
     assert forced.skipped == 0 and len(_children(uri, forced.parent_run_id)) == 1
 
 
@@ -67,19 +76,6 @@ def test_trial_with_two_ddp_workers(ray_local, tmp_path: Path, sqlite_uri: str, 
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray.world_size"] == "2"
     assert run.data.tags["model.wrapper"] == "DistributedDataParallel"
-
-
-def test_fractional_gpu_trials_share_one_gpu(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
-    """Two trials with 0.5 GPU each must run at the same time on the one (logical) GPU."""
-    cfg = tiny_config("sweep.label_fractions=[0.25,1.0]", "ray.use_gpu=true",
-                      "ray.gpus_per_worker=0.5", "ray.cpus_per_worker=0.5", "ray.backend=gloo",
-                      "train.steps_per_epoch=8")
-    outcome = run_sweep(cfg, "it-gpu")
-    uri, parent = outcome.uri, outcome.parent_run_id
-    runs = _children(uri, parent)
-    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-    a, b = sorted(runs, key=lambda r: r.info.start_time)
-    assert b.info.start_time < a.info.end_time, "the two 0.5-GPU trials did not overlap"
 
 
 def test_failed_trial_ends_failed_not_running(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
