@@ -40,6 +40,21 @@ def test_datasets_lists_registry() -> None:
     assert {"synthetic", "mni-tissue", "folder", "nifti"} <= set(names)
 
 
+def test_datasets_prepare_fills_the_cache_every_trial_then_maps(tmp_path: Path) -> None:
+    """A relative data.cache_dir is made absolute (trials run in other folders)."""
+    args = ("datasets", "--prepare", str(REPO / "experiments" / "quickstart.yaml"), "data.num_images=20",
+            "data.image_size=16", "data.cache_dir=cache")
+    out = semiseg(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    folder = next((tmp_path / "cache").glob("synthetic-*[!k]"))  # not the .lock
+    assert "synthetic: 20 images (16, 16)" in out.stdout and str(folder) in out.stdout
+    assert (folder / "manifest.json").is_file()
+    off = semiseg(*args, "data.cache=false", cwd=tmp_path)
+    assert off.returncode == 2 and "data.cache=false: nothing to prepare" in off.stderr
+    stray = semiseg("datasets", "data.image_size=16")
+    assert stray.returncode == 2 and "without --prepare CONFIG" in stray.stderr
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

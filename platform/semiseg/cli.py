@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   semiseg sweep experiments/quickstart.yaml train.epochs=2 sweep.seeds=[0,1]
   semiseg train experiments/quickstart.yaml data.label_fraction=0.25
   semiseg pseudolabel experiments/sam_refined.yaml --checkpoint ray_results/.../checkpoint.pt
+  semiseg datasets --prepare experiments/results_mni.yaml
   semiseg report semiseg
 """
 
@@ -52,7 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="coarse model: checkpoint.pt, its folder, or an MLflow run id (default: sam.coarse_checkpoint)")
     pl.add_argument("--output", default="", help="output folder (default: sam.output)")
     sub.add_parser("methods", help="list the registered methods")
-    sub.add_parser("datasets", help="list the registered datasets")
+    d = sub.add_parser("datasets", help="list the registered datasets, or --prepare a config's cache",
+                       description="List the registered datasets. With --prepare CONFIG, build that "
+                       "config's dataset into the node's prepared-data cache (data.cache_dir, "
+                       "semiseg.data.cache) so every trial of a sweep maps it instead of reading "
+                       "the files again.")
+    d.add_argument("--prepare", metavar="CONFIG", default="", help="experiment YAML whose data to prepare")
+    d.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.image_size=128")
     r = sub.add_parser("report", help="test Dice table and an HTML dashboard of an experiment",
                        description="Print the test Dice table (method x label fraction, mean ± std "
                        "over seeds) and write an HTML dashboard (label-efficiency curves, per-class "
@@ -78,6 +85,25 @@ def cmd_list(kind: str) -> None:
         from semiseg.data import DATASETS as registry
     for name in registry.names():
         print(f"{name:20s} {_first_line(registry.get(name))}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Fill the prepared-data cache for the config's data section (what every trial loads)."""
+    from semiseg.config import load_config
+    from semiseg.preflight import check_paths
+
+    cfg = load_config(args.prepare, args.overrides)
+    check_paths(cfg)
+    if not cfg.data.cache:
+        raise SemisegError("data.cache=false: nothing to prepare (set data.cache=true)")
+    from semiseg.data import load_dataset
+    from semiseg.data.cache import describe
+
+    start = time.time()
+    data = load_dataset(cfg.data)
+    folder, size = describe(cfg.data)
+    print(f"{cfg.data.name}: {len(data.images)} images {tuple(data.images.shape[1:])}, "
+          f"{size / 2**20:.1f} MiB in {folder} ({time.time() - start:.1f} s)")
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -185,7 +211,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("methods", "datasets"):
+        if args.command == "datasets" and args.prepare:
+            cmd_prepare(args)
+        elif args.command in ("methods", "datasets"):
+            if getattr(args, "overrides", None):
+                raise SemisegError(f"overrides {args.overrides} given without --prepare CONFIG")
             cmd_list(args.command)
         else:
             {"check": cmd_check, "train": cmd_train, "sweep": cmd_sweep, "report": cmd_report,

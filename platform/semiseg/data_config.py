@@ -54,13 +54,19 @@ class DataConfig:
     pixels; `ct` clips to the 0.5-99.5 percentiles of the training foreground (mask > 0)
     intensities, then z-scores with their mean and std (nnU-Net's CTNormalization). The
     statistics come from the training split only (labeled + unlabeled), never val or test."""
+    cache: bool = True
+    """Keep the prepared (resized, normalised) dataset in a memory-mapped cache that every
+    worker and actor of a node maps (semiseg.data.cache); false builds it in each process."""
+    cache_dir: str = ""
+    """Folder of that cache; "" is $SEMISEG_CACHE/data (default ~/.cache/semiseg/data).
+    `semiseg datasets --prepare CONFIG` fills it ahead of a sweep."""
 
     def identity(self) -> dict[str, Any]:
         """The section as it enters a run's identity (Config.identity): every field, except
         those added later while they hold the default that behaves as before them, so a config
         written before a field existed keeps its hash and a rerun still skips finished trials."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in IDENTITY_DEFAULTS or v != IDENTITY_DEFAULTS[k]}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY
+                and (k not in IDENTITY_DEFAULTS or v != IDENTITY_DEFAULTS[k])}
 
     def __post_init__(self) -> None:
         if not 0.0 < self.label_fraction <= 1.0:
@@ -95,3 +101,5 @@ def check_seed(key: str, seed: int) -> None:
 
 # Fields added after runs were logged -> the default that reproduces the earlier behaviour.
 IDENTITY_DEFAULTS: dict[str, Any] = {"native_size": 0, "normalize": "image"}
+# Fields that change where the prepared data is kept, never what is trained on.
+NOT_IDENTITY = frozenset({"cache", "cache_dir"})

@@ -17,7 +17,9 @@ from semiseg.errors import ConfigError
 def check_paths(cfg: Config) -> None:
     """Resolve `data.root` to an absolute path (trials run in other folders) and check that it is
     a folder, so a wrong root stops a sweep before any trial rather than failing every trial in
-    turn on the workers."""
+    turn on the workers. `data.cache_dir` is made absolute the same way."""
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().absolute())
     if not cfg.data.root:
         return
     try:

@@ -6,7 +6,7 @@ from semiseg.data.base import DATASETS, SegData, load_dataset
 from semiseg.registry import import_modules
 
 # The package's helper modules: everything else is a dataset file.
-_NOT_DATASETS = {"base", "nnunet_layout", "normalize", "resize", "sampling", "splits", "transforms"}
+_NOT_DATASETS = {"base", "cache", "nnunet_layout", "normalize", "resize", "sampling", "splits", "transforms"}
 
 import_modules(__name__, __path__, skip=_NOT_DATASETS)
 

@@ -150,11 +150,18 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 
 def load_dataset(cfg: DataConfig) -> SegData:
-    """Build the dataset that `cfg.name` names, normalised by `cfg.normalize`."""
-    # Imported here: normalize imports splits, which imports this module.
+    """Build the dataset that `cfg.name` names, normalised by `cfg.normalize`: mapped from the
+    node's prepared-data cache when `cfg.cache` (semiseg.data.cache), built here otherwise."""
+    # Imported here: normalize imports splits, which imports this module; so does the cache.
+    from semiseg.data.cache import cached_load
     from semiseg.data.normalize import normalize_dataset
 
-    return normalize_dataset(DATASETS.get(cfg.name)(cfg), cfg)
+    builder = DATASETS.get(cfg.name)  # first: an unknown name fails before anything is written
+
+    def build(c: DataConfig) -> SegData:
+        return normalize_dataset(builder(c), c)
+
+    return cached_load(cfg, build) if cfg.cache else build(cfg)
 
 
 def check_classes_present(
