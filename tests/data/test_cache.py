@@ -36,7 +36,7 @@ def test_cached_load_equals_a_fresh_build_and_maps_the_files(tmp_path) -> None:
         assert np.array_equal(data.images, fresh.images) and np.array_equal(data.masks, fresh.masks)
         assert (data.groups, data.ids, data.classes, data.intensity) == \
             (fresh.groups, fresh.ids, fresh.classes, fresh.intensity)
-        native_image, native_mask = data.native(3)  # the picklable accessor survives the cache
+        native_image, native_mask = data.native(3)  # rebuilt on first use, not unpickled
         assert native_image.shape == (48, 48) and np.array_equal(native_mask, fresh.native(3)[1])
     assert size > first.images.nbytes + first.masks.nbytes
     assert not isinstance(fresh.images, np.memmap)
@@ -110,7 +110,7 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_build_clears_its_rema
     assert not folder.exists()
     load_dataset(cfg)
     assert folder.is_dir() and not remains.exists()
-    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "manifest.json", "masks.npy", "meta.pkl"]
+    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "manifest.json", "masks.npy", "meta.json"]
 
 
 def test_a_failing_build_writes_nothing(tmp_path) -> None:
@@ -175,3 +175,18 @@ def test_concurrent_loaders_build_once_and_map_one_file(tmp_path, probe_dataset)
     assert len((tmp_path / "builds.txt").read_text().split()) == 1  # one built, two waited
     folder, _ = describe(cfg)
     assert {r[1] for r in results} == {str(folder / "images.npy")} and len({r[2] for r in results}) == 1
+
+
+def test_a_volume_dataset_keeps_its_slices_spacing_channels_and_ct_statistics(tmp_path) -> None:
+    from tests.conftest import write_nnunet_dataset
+
+    root = write_nnunet_dataset(tmp_path / "Dataset001_Toy")
+    cfg = DataConfig(name="nnunet", root=str(root), image_size=16, normalize="ct",
+                     cache_dir=str(tmp_path / "cache"))
+    load_dataset(cfg)
+    cached, fresh = load_dataset(cfg), load_dataset(DataConfig(**{**cfg.__dict__, "cache": False}))
+    assert isinstance(cached.images, np.memmap) and cached.images.shape == fresh.images.shape
+    assert np.array_equal(cached.images, fresh.images) and cached.volumes == fresh.volumes
+    assert cached.intensity == fresh.intensity and cached.intensity.lower is not None
+    assert (cached.channel_names, cached.label_unit, cached.positions) == \
+        (fresh.channel_names, fresh.label_unit, fresh.positions)

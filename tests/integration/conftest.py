@@ -86,6 +86,10 @@ def ray_head():
     on 127.0.0.1 (Ray Jobs need it). It is stopped by its own process group, never by
     `ray stop`, which would end every Ray on the machine."""
     port, dash = free_port(), free_port()
+    # The agents' fixed default ports (52365, ...) would clash with any other Ray on the
+    # machine (a user's sweep): the head then starts without a job agent.
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}"]
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # Ray's socket paths are capped
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
@@ -93,7 +97,7 @@ def ray_head():
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--disable-usage-stats", "--block", f"--temp-dir={temp_dir}"],
+         *agent_ports, "--disable-usage-stats", "--block", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

@@ -5,13 +5,18 @@ normalises) and writes the result under `data.cache_dir` (default `$SEMISEG_CACH
 `~/.cache/semiseg/data`), in a folder named by the cache key:
 
     images.npy  masks.npy   the arrays, as `np.save` writes them
-    meta.pkl                every other SegData field (groups, ids, classes, spacing, the
-                            intensity statistics, the picklable `native` accessor)
+    meta.json               every other SegData field (groups, ids, classes, positions, the
+                            volumes' slices and spacing, the intensity statistics), as JSON:
+                            nothing in the cache is unpickled
     manifest.json           size and CRC-32 of each file above, written last
 
 Every later load, by any Train worker, Ray Data actor or benchmark on the node, memory-maps the
 arrays read-only (`np.load(mmap_mode="r")`), so the page cache holds one copy of the images for
 all of them and nothing is decoded again.
+
+`SegData.native` (the source-resolution accessor the SAM stage reads) is a function, not data,
+so it is not stored: a cached dataset that had one gets `RebuiltNative`, which builds the
+dataset once, uncached, in the process that first asks for a native image.
 
 The key is a hash of what the prepared arrays depend on and nothing else: the data config minus
 the fields that only choose *which* images get labels or how they are batched (label_fraction,
@@ -38,7 +43,6 @@ import fcntl
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -50,13 +54,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from semiseg.data.base import SegData
+from semiseg.data.base import DATASETS, SegData, SliceOrigin
 from semiseg.data_config import DataConfig
 from semiseg.errors import DatasetError
 
 FORMAT = 1  # bump when the folder's layout changes
 ARRAYS = ("images", "masks")
-FILES = ("images.npy", "masks.npy", "meta.pkl")
+FILES = ("images.npy", "masks.npy", "meta.json")
 # DataConfig fields that choose labels, batches or the cache itself, not the prepared arrays.
 NOT_IN_KEY = frozenset({"label_fraction", "label_unit", "labeled_cases", "batch_size", "cache", "cache_dir"})
 
@@ -77,7 +81,7 @@ def cache_key(cfg: DataConfig) -> str:
 def cached_load(cfg: DataConfig, build: Callable[[DataConfig], SegData]) -> SegData:
     """The dataset of `cfg`: mapped from the node's cache, or built by `build`, cached, mapped."""
     folder = cache_root(cfg) / cache_key(cfg)
-    if (data := _open_valid(folder)) is not None:
+    if (data := _open_valid(folder, cfg)) is not None:
         return data
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -85,12 +89,10 @@ def cached_load(cfg: DataConfig, build: Callable[[DataConfig], SegData]) -> SegD
         raise DatasetError(f"{folder.parent}: could not create the data cache ({exc}); set "
                            "data.cache_dir to a writable folder or data.cache=false") from exc
     with _exclusive(folder.parent / f"{folder.name}.lock"):
-        if (data := _open_valid(folder)) is not None:  # another process built it meanwhile
+        if (data := _open_valid(folder, cfg)) is not None:  # another process built it meanwhile
             return data
-        built = build(cfg)
-        if not _write(folder, built):
-            return built
-    return _open(folder)
+        _write(folder, build(cfg))
+    return _open(folder, cfg)
 
 
 def describe(cfg: DataConfig) -> tuple[Path, int]:
@@ -100,12 +102,12 @@ def describe(cfg: DataConfig) -> tuple[Path, int]:
     return folder, size
 
 
-def _open_valid(folder: Path) -> SegData | None:
+def _open_valid(folder: Path, cfg: DataConfig) -> SegData | None:
     if not folder.is_dir():
         return None
     problem = _verify(folder)
     if problem is None:
-        return _open(folder)
+        return _open(folder, cfg)
     print(f"semiseg: data cache {folder} is damaged ({problem}); rebuilding it", file=sys.stderr)
     shutil.rmtree(folder, ignore_errors=True)
     return None
@@ -127,28 +129,41 @@ def _verify(folder: Path) -> str | None:
     return None
 
 
-def _open(folder: Path) -> SegData:
+def _open(folder: Path, cfg: DataConfig) -> SegData:
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-    with open(folder / "meta.pkl", "rb") as f:
-        meta = pickle.load(f)
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.pop("has_native"):
+        meta["native"] = RebuiltNative(cfg)
+    if meta["volumes"] is not None:
+        v = meta["volumes"]
+        meta["volumes"] = SliceOrigin(v["volume"], v["z"], {k: tuple(s) for k, s in v["spacing"].items()})
+    if meta["intensity"] is not None:
+        from semiseg.data.normalize import IntensityStats  # normalize imports this package's base
+
+        meta["intensity"] = IntensityStats(**{k: tuple(x) if isinstance(x, list) else x
+                                             for k, x in meta["intensity"].items()})
     return SegData(**arrays, **meta)
 
 
-def _write(folder: Path, data: SegData) -> bool:
-    """Write `data` as `folder`, atomically; False (and a note) when it cannot be pickled."""
+def _meta(data: SegData) -> dict:
+    """The SegData fields other than the arrays, as JSON-able values."""
     meta = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in ARRAYS}
-    try:
-        meta_bytes = pickle.dumps(meta)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        print(f"semiseg: dataset {data.source} not cached ({exc}); loading it uncached", file=sys.stderr)
-        return False
+    meta["has_native"] = meta.pop("native") is not None
+    for key in ("volumes", "intensity"):
+        if meta[key] is not None:
+            meta[key] = dataclasses.asdict(meta[key])
+    return meta
+
+
+def _write(folder: Path, data: SegData) -> None:
+    """Write `data` as `folder`, atomically."""
     for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # an interrupted earlier build
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
     try:
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(data, name)))
-        (tmp / "meta.pkl").write_bytes(meta_bytes)
+        (tmp / "meta.json").write_text(json.dumps(_meta(data), default=_plain))
         files = {n: {"size": (tmp / n).stat().st_size, "crc32": _crc32(tmp / n)} for n in FILES}
         manifest = {"format": FORMAT, "source": data.source, "created": time.time(), "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -161,7 +176,31 @@ def _write(folder: Path, data: SegData) -> bool:
                                "data.cache_dir to a writable folder or data.cache=false") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return True
+
+
+def _plain(value: object) -> object:
+    """numpy scalars (np.int64 slice indices, ...) as the Python numbers JSON knows."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in a SegData field cannot be cached as JSON")
+
+
+class RebuiltNative:
+    """`SegData.native` of a cached dataset: the builder's own accessor, from one uncached build
+    made the first time a native image is asked for (then kept). Picklable: a copy sent to
+    another process builds its own."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self._native = None
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "_native": None}
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._native is None:
+            self._native = DATASETS.get(self.cfg.name)(self.cfg).native
+        return self._native(index)
 
 
 @contextmanager
