@@ -23,6 +23,7 @@ what the node actually holds, which is the figure the target is about.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -72,7 +73,7 @@ def write_dataset(root: Path, slices: int, size: int) -> Path:
 
 
 def load_times(cfg: DataConfig) -> dict[str, float]:
-    uncached = DataConfig(**{**cfg.__dict__, "cache": False})
+    uncached = dataclasses.replace(cfg, cache=False)
     times = {}
     for name, config in (("uncached build", uncached), ("first load, cache on", cfg), ("cached load", cfg)):
         start = time.time()
@@ -156,7 +157,7 @@ def main() -> int:
     rows = {}
     for cache in (False, True):
         for n in args.workers:
-            rows[(cache, n)] = worker_memory(DataConfig(**{**cfg.__dict__, "cache": cache}), n, args.root / "ray")
+            rows[(cache, n)] = worker_memory(dataclasses.replace(cfg, cache=cache), n, args.root / "ray")
             print(f"cache {'on' if cache else 'off'}, {n} worker(s): {rows[(cache, n)]}", flush=True)
     ray.shutdown()
     report(args, times, rows)

@@ -78,9 +78,13 @@ def cache_key(cfg: DataConfig) -> str:
     return f"{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def cache_folder(cfg: DataConfig) -> Path:
+    return cache_root(cfg) / cache_key(cfg)
+
+
 def cached_load(cfg: DataConfig, build: Callable[[DataConfig], SegData]) -> SegData:
     """The dataset of `cfg`: mapped from the node's cache, or built by `build`, cached, mapped."""
-    folder = cache_root(cfg) / cache_key(cfg)
+    folder = cache_folder(cfg)
     if (data := _open_valid(folder, cfg)) is not None:
         return data
     try:
@@ -97,7 +101,7 @@ def cached_load(cfg: DataConfig, build: Callable[[DataConfig], SegData]) -> SegD
 
 def describe(cfg: DataConfig) -> tuple[Path, int]:
     """The cache folder of `cfg` and its size in bytes (0 if not built)."""
-    folder = cache_root(cfg) / cache_key(cfg)
+    folder = cache_folder(cfg)
     size = sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
     return folder, size
 
