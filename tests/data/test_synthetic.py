@@ -68,3 +68,9 @@ def test_not_thresholdable():
     trivial = 1 - is_lung.mean()
     best = max(((x < t) == is_lung).mean() for t in np.linspace(-3, 3, 61))
     assert best < trivial + 0.03
+
+
+def test_phantoms_with_a_strong_negative_warp_stay_finite():
+    # Phantoms 295 and 1040 once had NaN pixels: a fractional gamma of a negative attenuation.
+    for index in (295, 1040):
+        assert np.isfinite(make_phantom(index, 64).image).all()

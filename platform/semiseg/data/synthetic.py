@@ -141,7 +141,9 @@ def make_phantom(index: int, size: int) -> Phantom:
         + (0.08 * u(0.5, 2.0) * ribs + 0.18 * u(0.5, 1.5) * clav) * body
     )
     att = np.clip(att, 0, None) * (1 + 0.3 * warp[2]) + 0.03
-    att = gaussian_filter(att, sigma=u(0.6, 1.6) * size / 64)
+    # A strong negative warp can push a few pixels below 0, and a fractional power of a
+    # negative is NaN (phantom 295 was one); clipping leaves every other phantom as it was.
+    att = np.clip(gaussian_filter(att, sigma=u(0.6, 1.6) * size / 64), 0, None)
     att = (att / att.max()) ** u(0.6, 1.6)  # gamma: film / detector response varies
     lo, hi = u(0.0, 0.1), u(0.85, 1.0)  # exposure window: some saturation at either end
     img = np.clip((att - lo) / (hi - lo), 0, 1)
