@@ -23,13 +23,14 @@ import functools
 import inspect
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 from semiseg.config import load_config
 from semiseg.data import SegData, load_dataset
-from semiseg.data.sampling import SplitTensors, Subset
+from semiseg.data.sampling import GatheredRows, SplitTensors, Subset
 from semiseg.data.splits import Split, make_split
 from semiseg.engine import Trainer, build_trainer
 from semiseg.methods import METHODS, Batch, Method
@@ -48,16 +49,24 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def dataset() -> tuple[SegData, Split]:
-    cfg = load_config(None, TINY)
+@pytest.fixture(scope="module", params=["mapped", "copied"])
+def dataset(request) -> tuple[SegData, Split]:
+    """Both ways the engine holds a split on the CPU: rows gathered from the mapped cache, and
+    tensors copied from an uncached load."""
+    cfg = load_config(None, [*TINY, f"data.cache={request.param == 'mapped'}"])
     data = load_dataset(cfg.data)
+    assert isinstance(data.images, np.memmap) == (request.param == "mapped")
     split = make_split(data, cfg.data, cfg.train.seed)
     assert split.unlabeled and split.labeled
     return data, split
 
 
-FORBIDDEN = (SplitTensors, Subset, SegData, Split, Trainer, PseudoLabelScore)
+FORBIDDEN = (SplitTensors, Subset, GatheredRows, np.memmap, SegData, Split, Trainer, PseudoLabelScore)
+
+
+def as_tensor(rows) -> Tensor:
+    """The hidden masks as one tensor (gathered rows are read into a copy)."""
+    return rows if isinstance(rows, Tensor) else rows[:]
 
 
 def walk(obj, path: str, seen: set[int], tensors: list[tuple[str, Tensor]],
@@ -153,7 +162,7 @@ def test_no_method_reaches_hidden_masks(name: str, dataset, stage_inputs) -> Non
     assert method.num_classes == data.num_classes and type(method.num_classes) is int
     assert method.total_steps == cfg.train.epochs * cfg.train.steps_per_epoch
 
-    hidden = trainer.tensors.hidden_unlabeled_masks
+    hidden = as_tensor(trainer.tensors.hidden_unlabeled_masks)
     assert hidden is not None and hidden.shape[0] == len(split.unlabeled)
     assert trainer.tensors.unlabeled.masks is None
     informative = torch.tensor([len(m.unique()) > 1 for m in hidden])
@@ -210,7 +219,7 @@ def test_walker_catches_a_leak(dataset) -> None:
     data, split = dataset
     cfg = load_config(None, [*TINY, "method.name=supervised"])
     trainer = build_trainer(cfg, data, split, CPU)
-    hidden = trainer.tensors.hidden_unlabeled_masks
+    hidden = as_tensor(trainer.tensors.hidden_unlabeled_masks)
     informative = torch.tensor([len(m.unique()) > 1 for m in hidden])
     i = int(informative.nonzero()[0])
 
@@ -228,6 +237,7 @@ def test_walker_catches_a_leak(dataset) -> None:
     assert found((hidden[i].flatten().float().clone(),))[0]      # flattened, as floats
     assert found(hidden[3:5])[0]                                 # a view of the hidden tensor
     assert found(trainer.tensors)[1]                             # the engine's split tensors
+    assert bool(found(trainer.tensors.test.images)[1]) == isinstance(data.images, np.memmap)  # gathered rows
     assert found(lambda: hidden)[0]                              # a closure over the masks
     tensors = trainer.tensors
     assert found(functools.partial(print, lambda: tensors))[1]   # ... over the split tensors

@@ -113,7 +113,8 @@ class Trainer:
         check_speed(speed, self.device)
         self._layout = batch_layout(speed)
         labeled = tensors.labeled
-        method.set_labeled_set(self._layout(labeled.images), labeled.masks, labeled.index)
+        # [:]: a tensor as it is; gathered rows (a mapped cache on the CPU) read into one.
+        method.set_labeled_set(self._layout(labeled.images[:]), labeled.masks[:], labeled.index)
         # Eager: looked up at each call, so the method's step can be wrapped after the build
         # (the hidden-mask leak test records what it receives that way).
         self._training_step: Callable[..., StepOutput] = (

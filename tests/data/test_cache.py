@@ -190,3 +190,47 @@ def test_a_volume_dataset_keeps_its_slices_spacing_channels_and_ct_statistics(tm
     assert cached.intensity == fresh.intensity and cached.intensity.lower is not None
     assert (cached.channel_names, cached.label_unit, cached.positions) == \
         (fresh.channel_names, fresh.label_unit, fresh.positions)
+
+
+def test_a_mapped_split_gathers_the_rows_a_copied_split_holds(tmp_path) -> None:
+    """On the CPU, splits of a mapped cache are gathered per access (no per-worker copy), and
+    every access the trainer makes reads what the copied split holds."""
+    import torch
+
+    from semiseg.data.sampling import GatheredRows, split_tensors
+    from semiseg.data.splits import make_split
+
+    cfg = _cfg(tmp_path, label_fraction=0.25)
+    mapped, copied = load_dataset(cfg), load_dataset(DataConfig(**{**cfg.__dict__, "cache": False}))
+    split = make_split(copied, cfg, seed=0)
+    lazy, eager = (split_tensors(d, split, torch.device("cpu")) for d in (mapped, copied))
+    assert isinstance(lazy.unlabeled.images, GatheredRows) and isinstance(eager.unlabeled.images, torch.Tensor)
+    pick = torch.tensor([2, 0, 2])
+    for part in ("labeled", "unlabeled", "val", "test"):
+        a, b = getattr(lazy, part), getattr(eager, part)
+        assert a.images.shape == b.images.shape and len(a.images) == len(b.images) and a.images.dim() == 4
+        for key in (pick, slice(1, 3), (1, 0), (slice(None), 0), (pick, 0, 3)):
+            assert torch.equal(a.images[key], b.images[key]) and a.images[key].dtype == torch.float32
+        if b.masks is not None:
+            assert torch.equal(a.masks.cpu(), b.masks) and a.masks[pick].dtype == torch.int64
+    assert torch.equal(lazy.hidden_unlabeled_masks[pick], eager.hidden_unlabeled_masks[pick])
+    lazy.unlabeled.images[pick].add_(1)  # a batch is the caller's own copy: the cache is unchanged
+    assert torch.equal(lazy.unlabeled.images[pick], eager.unlabeled.images[pick])
+
+
+def test_training_on_a_mapped_cache_equals_training_on_a_copy(tmp_path) -> None:
+    import torch
+
+    from semiseg.data.splits import make_split
+    from semiseg.engine import build_trainer, fit
+
+    overrides = ["data.image_size=32", "data.num_images=24", "data.label_fraction=0.25", "data.batch_size=4",
+                 "model.base_channels=4", "model.depth=2", "train.epochs=1", "train.steps_per_epoch=3",
+                 "train.device=cpu", "method.name=reference_guided", f"data.cache_dir={tmp_path / 'cache'}"]
+    results = []
+    for cache in ("true", "false"):
+        cfg = load_config(None, [*overrides, f"data.cache={cache}"])
+        data = load_dataset(cfg.data)
+        trainer = build_trainer(cfg, data, make_split(data, cfg.data, 0), torch.device("cpu"))
+        results.append(fit(trainer, tmp_path / f"run-{cache}").test_metrics)
+    assert results[0] == results[1]

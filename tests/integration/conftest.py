@@ -13,6 +13,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -170,14 +171,53 @@ def sqlite_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path, sqlite_uri: str):
-    """Builds the quickstart config shrunk to TINY, with extra overrides, in tmp_path."""
+def _config_maker(root: Path, uri: str):
     from semiseg.config import load_config
 
     def make(*extra: str):
         return load_config(REPO / "experiments" / "quickstart.yaml",
-                           [*TINY, f"tracking.uri={sqlite_uri}",
-                            f"ray.storage_path={tmp_path / 'ray'}", *extra])
+                           [*TINY, f"tracking.uri={uri}", f"ray.storage_path={root / 'ray'}", *extra])
 
     return make
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, sqlite_uri: str):
+    """Builds the quickstart config shrunk to TINY, with extra overrides, in tmp_path."""
+    return _config_maker(tmp_path, sqlite_uri)
+
+
+# The finished sweep that several tests read (test_sweep, test_dashboard, test_mlflow_ui): two
+# methods x two label fractions, each trial on 0.5 of the one logical GPU, so two trials share
+# it at once; 12 steps an epoch, so they overlap and Dice is above 0 (curves show something).
+SHARED_SWEEP = ("sweep.methods=[supervised,pseudo_label]", "sweep.label_fractions=[0.1,1.0]",
+                "sweep.params={pseudo_label.threshold: [0.5]}", "model.base_channels=8",
+                "train.steps_per_epoch=12", "ray.use_gpu=true", "ray.gpus_per_worker=0.5",
+                "ray.cpus_per_worker=0.5", "ray.backend=gloo")
+
+
+@dataclass
+class FinishedSweep:
+    outcome: Any  # semiseg.distributed.tune.SweepOutcome
+    root: Path
+    name: str
+
+    def config(self, *extra: str):
+        """The sweep's config (with extra overrides) on its store and Ray storage."""
+        return _config_maker(self.root, self.outcome.uri)(*SHARED_SWEEP, *extra)
+
+    def copy_store(self, to: Path) -> str:
+        """A copy of the sweep's store, for a test that adds runs (the others read the original)."""
+        to.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.root / "mlruns" / "mlflow.db", to / "mlflow.db")
+        return f"sqlite:///{to / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(ray_local, tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
+    """One real four-trial sweep, run once per session; tests must not add runs to its store."""
+    from semiseg.distributed.tune import run_sweep
+
+    root = tmp_path_factory.mktemp("shared-sweep")
+    cfg = _config_maker(root, f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")(*SHARED_SWEEP)
+    return FinishedSweep(run_sweep(cfg, "nightly"), root, "nightly")

@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from semiseg.cli import main
 from semiseg.dashboard import build_dashboard
-from semiseg.distributed.tune import run_sweep
 from semiseg.errors import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -42,20 +41,15 @@ def _rows(dom: str, table_id: str) -> list[str]:
     return re.findall(r"<tr>(.*?)</tr>", re.search(r"<tbody>(.*?)</tbody>", table.group(0), re.S).group(1), re.S)
 
 
-def test_dashboard_of_a_real_sweep(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config,
+def test_dashboard_of_a_real_sweep(finished_sweep, tmp_path: Path, sqlite_uri: str,
                                    capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ConfigError, match="no MLflow experiment 'quickstart'"):
         build_dashboard(sqlite_uri, "quickstart", tmp_path / "none")
-    # Enough training for Dice above 0 (so the curves show something), little enough that the
-    # four trials' fixed Ray overhead dominates.
-    cfg = tiny_config("sweep.methods=[supervised,pseudo_label]", "sweep.label_fractions=[0.1,1.0]",
-                      "sweep.params={pseudo_label.threshold: [0.5]}", "model.base_channels=8",
-                      "train.epochs=2", "train.steps_per_epoch=12")
-    outcome = run_sweep(cfg, "it-dashboard")
+    outcome = finished_sweep.outcome  # conftest.SHARED_SWEEP: 2 methods x 2 fractions
     out = tmp_path / "reports"
 
     # The command a user runs; the parent defaults to the latest sweep run.
-    assert main(["report", "quickstart", "--uri", sqlite_uri, "--out", str(out)]) == 0
+    assert main(["report", "quickstart", "--uri", outcome.uri, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "test Dice" in printed and f"logged to MLflow run {outcome.parent_run_id}" in printed
     # gallery.png only exists when every shown prediction, recomputed from its trial's logged

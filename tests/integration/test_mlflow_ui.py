@@ -1,7 +1,7 @@
-"""The MLflow UI a user opens on semiseg's runs: a real `mlflow server` on 127.0.0.1 over a
-SQLite store holding a sweep and its trials (made through semiseg.tracking, as a sweep makes
-them: source tags, dataset inputs, the selected model), loaded in headless Chromium at the page
-`semiseg sweep` prints. It must be the runs table of the experiment (not MLflow 3's GenAI
+"""The MLflow UI a user opens on semiseg's runs: a real `mlflow server` on 127.0.0.1 over the
+store of a finished real sweep (conftest.finished_sweep: four trials, with their source tags,
+dataset inputs and selected models), loaded in headless Chromium at the page `semiseg sweep`
+prints. It must be the runs table of the experiment (not MLflow 3's GenAI
 overview), and its Dataset, Source and Models columns must be filled."""
 
 from __future__ import annotations
@@ -12,44 +12,21 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from semiseg import tracking
-from semiseg.models import create_model
 
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
-EXPERIMENT = "ui-check"
-TRIALS = ("supervised-f0.25-s0", "supervised-f1-s0")
-
-
-def _make_sweep(uri: str) -> None:
-    """A finished sweep with two trials, logged the way a real sweep logs them."""
-    exp_id = tracking.ensure_experiment(uri, EXPERIMENT)
-    sweep = tracking.start_run(uri, exp_id, "nightly", "sweep")
-    model = create_model("unet", 1, 4, 4, 2).eval()
-    images = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
-    for name, fraction in zip(TRIALS, (0.25, 1.0)):
-        run_id = tracking.start_run(uri, exp_id, name, "trial", {"method": "supervised"}, sweep)
-        logger = tracking.RunLogger(uri, run_id)
-        logger.log_metrics({"test/dice_mean": 0.6 + fraction / 4}, step=0)
-        train = ["labeled"] * int(4 * fraction) + ["unlabeled"] * (4 - int(4 * fraction))
-        manifest = [{"index": i, "id": f"img{i}", "group": f"g{i}", "role": r}
-                    for i, r in enumerate(train + ["val", "test"])]
-        logger.log_dataset("synthetic", "synthetic", {"image_size": 32, "label_fraction": fraction}, manifest)
-        logger.log_pytorch_model(model, images)
-        logger.end("FINISHED", wait_s=0)
-    tracking.RunLogger(uri, sweep).end("FINISHED", wait_s=0)
+EXPERIMENT = "quickstart"  # conftest.SHARED_SWEEP's experiment
 
 
 @pytest.fixture
-def ui_server(tmp_path: Path, start_mlflow_server) -> str:
-    """`mlflow server` over the store, in its own session; its whole process group is ended."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _make_sweep(store)
-    return start_mlflow_server(store)
+def ui_server(finished_sweep, tmp_path: Path, start_mlflow_server) -> str:
+    """`mlflow server` over a copy of the session's finished sweep (the server may migrate or
+    write to its store), in its own session; its whole process group is ended."""
+    return start_mlflow_server(finished_sweep.copy_store(tmp_path / "store"))
 
 
 def _chromium(url: str, profile: Path, *args: str) -> str:
@@ -85,13 +62,15 @@ def test_mlflow_ui_opens_on_the_runs_table_with_dataset_source_and_model(ui_serv
     dom = _chromium(flat, tmp_path / "profile-b", "--dump-dom")
     headers = set(re.findall(r'role="columnheader"[^>]*>.*?>([A-Z][A-Za-z ]+)<', dom))
     assert {"Run Name", "Dataset", "Source", "Models"} <= headers, headers
-    assert all(f">{name}<" in dom for name in TRIALS)
-    # Datasets named with their digests: a train set per trial (other labeled images), and the
-    # val and test sets the two trials share.
-    assert len(set(re.findall(r"synthetic \(([0-9a-f]{12})\)", dom))) == 4
+    trials = [r for r in client.search_runs([experiment.experiment_id])
+              if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
+    assert len(trials) == 4 and all(f">{r.info.run_name}<" in dom for r in trials)
+    # Datasets named with their digests: each trial's train set (its labeled images), and the
+    # val and test sets all trials share.
+    digests = {i.dataset.digest[:12] for r in trials for i in r.inputs.dataset_inputs}
+    assert len(digests) >= 3 and digests == set(re.findall(r"synthetic \(([0-9a-f]{12})\)", dom))
     models = {m.name for m in client.search_logged_models([experiment.experiment_id])}
-    assert models == {"supervised-f0_25-s0", "supervised-f1-s0"}
-    assert all(f">{name}<" in dom for name in models)  # the Models column links each one
+    assert len(models) == 4 and all(f">{name}<" in dom for name in models)  # the Models column
     source = client.get_run(client.search_runs([experiment.experiment_id])[0].info.run_id)
     assert f">{source.data.tags['mlflow.source.name']}<" in dom  # the Source column
 

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,10 +32,10 @@ def _finished_by_hash(uri: str, experiment: str) -> collections.Counter:
     return collections.Counter(r.data.tags[tracking.CONFIG_HASH_TAG] for r in runs)
 
 
-def _sweep_cmd(tiny_overrides: list[str], uri: str, tmp: Path) -> list[str]:
+def _sweep_cmd(tiny_overrides: list[str], uri: str, tmp: Path, address: str) -> list[str]:
     return [sys.executable, "-m", "semiseg.cli", "sweep", str(REPO / "experiments" / "quickstart.yaml"),
             *tiny_overrides, f"tracking.uri={uri}", f"ray.storage_path={tmp / 'ray'}",
-            "ray.address=local", "ray.max_concurrent_trials=1", "sweep.label_fractions=[0.2,1.0]"]
+            f"ray.address={address}", "ray.max_concurrent_trials=1", "sweep.label_fractions=[0.2,1.0]"]
 
 
 def _running_trial(uri: str) -> bool:
@@ -49,13 +48,14 @@ def _runs(uri: str, experiment: str) -> list:
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
-def test_killed_driver_rerun_completes_only_missing_trials(tmp_path: Path, tiny_overrides, sqlite_uri) -> None:
-    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths are capped
-    # A beat a second; stale after 5 s without one (defaults: 30 s and 10 min).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp,
-           "SEMISEG_HEARTBEAT_S": "1", "SEMISEG_STALE_AFTER_S": "5"}
+def test_killed_driver_rerun_completes_only_missing_trials(ray_head, tmp_path: Path, tiny_overrides,
+                                                          sqlite_uri) -> None:
+    # A beat a second; stale after 3 s without one (defaults: 30 s and 10 min).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "SEMISEG_HEARTBEAT_S": "1", "SEMISEG_STALE_AFTER_S": "3"}
     env.pop("RAY_ADDRESS", None)
-    cmd = _sweep_cmd(tiny_overrides, sqlite_uri, tmp_path)
+    # Both drivers join the session's Ray head (no Ray start of their own); the killed one's
+    # trial dies with it, as Ray ends a dead driver's actors.
+    cmd = _sweep_cmd(tiny_overrides, sqlite_uri, tmp_path, ray_head.gcs_address)
     log = tmp_path / "driver.out"
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("w"),
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -69,8 +69,6 @@ def test_killed_driver_rerun_completes_only_missing_trials(tmp_path: Path, tiny_
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-        # Ray's own processes for that driver live in the same temp dir; end them too.
-        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     done_before = _finished_by_hash(sqlite_uri, "quickstart")
     assert sum(done_before.values()) == 1  # killed while the second trial ran
     printed = log.read_text()
@@ -80,9 +78,8 @@ def test_killed_driver_rerun_completes_only_missing_trials(tmp_path: Path, tiny_
     roles = sorted(r.data.tags[tracking.ROLE_TAG] for r in left.values())
     assert roles == ["sweep", "trial"]  # the dead driver's sweep and the trial it was running
     assert all(r.data.tags.get("mlflow.source.name") == "semiseg sweep" for r in left.values())
-    time.sleep(6)  # its heartbeat is now older than SEMISEG_STALE_AFTER_S
+    time.sleep(4)  # its heartbeat is now older than SEMISEG_STALE_AFTER_S
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     skipped = int(re.search(r"(\d+) already finished", rerun.stdout).group(1))
     assert skipped == sum(done_before.values())

@@ -20,29 +20,23 @@ def _children(uri: str, parent: str) -> list:
     return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
-# Two trials with 0.5 of the one (logical) GPU each, so the same sweep also shows that
-# fractional-GPU trials share a GPU at the same time; 8 steps an epoch so that they overlap.
-FRACTIONAL_GPU = ("ray.use_gpu=true", "ray.gpus_per_worker=0.5", "ray.cpus_per_worker=0.5",
-                  "ray.backend=gloo", "train.steps_per_epoch=8")
-
-
-def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
-    cfg = tiny_config("sweep.label_fractions=[0.1,1.0]", *FRACTIONAL_GPU)
-    outcome = run_sweep(cfg, "it-sweep")
-    uri, parent = outcome.uri, outcome.parent_run_id
+def test_sweep_logs_parent_and_child_runs(finished_sweep, tmp_path: Path) -> None:
+    """The session's sweep (conftest.SHARED_SWEEP): four trials on 0.5 of the one logical GPU."""
+    uri, parent = finished_sweep.outcome.uri, finished_sweep.outcome.parent_run_id
     client = MlflowClient(uri)
     assert client.get_run(parent).info.status == "FINISHED"
     children = _children(uri, parent)
-    assert len(children) == 2
-    a, b = sorted(children, key=lambda r: r.info.start_time)
-    assert b.info.start_time < a.info.end_time, "the two 0.5-GPU trials did not overlap"
+    assert len(children) == 4
+    a, b = sorted(children, key=lambda r: r.info.start_time)[:2]
+    assert b.info.start_time < a.info.end_time, "the first two 0.5-GPU trials did not overlap"
     assert {r.data.params["ray.gpus_per_worker"] for r in children} == {"0.5"}
     assert {c.data.params["data.label_fraction"] for c in children} == {"0.1", "1.0"}
+    assert {c.data.params["method.name"] for c in children} == {"supervised", "pseudo_label"}
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags[tracking.CONFIG_HASH_TAG] == run.data.tags[tracking.CONFIG_HASH_TAG].strip()
         assert len(run.data.tags[tracking.CONFIG_HASH_TAG]) == 16
-        assert run.data.params["model.base_channels"] == "4"  # the whole resolved config
+        assert run.data.params["model.base_channels"] == "8"  # the whole resolved config
         history = client.get_metric_history(run.info.run_id, "val/dice_mean")
         assert sorted(m.step for m in history) == [0, 1]  # one value per epoch, none twice
         for name in ("lung", "heart", "spine"):
@@ -56,15 +50,17 @@ def test_sweep_logs_parent_and_child_runs(ray_local, tmp_path: Path, sqlite_uri:
                                                              str(tmp_path / run.info.run_id))).read_text())
         assert {row["role"] for row in manifest} >= {"labeled", "val", "test"}
     hashes = {c.data.tags[tracking.CONFIG_HASH_TAG] for c in children}
-    assert len(hashes) == 2  # label fraction is part of a run's identity
+    assert len(hashes) == 4  # method and label fraction are part of a run's identity
 
-    # The same sweep again trains nothing; --force trains again.
-    again = run_sweep(tiny_config("sweep.label_fractions=[0.1,1.0]", *FRACTIONAL_GPU), "it-again")
-    assert again.skipped == 2 and set(again.config_hashes) == hashes
-    assert _children(uri, again.parent_run_id) == []
-    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
-    forced = run_sweep(tiny_config("sweep.label_fractions=[1.0]", *FRACTIONAL_GPU), "it-forced", force=True)
-    assert forced.skipped == 0 and len(_children(uri, forced.parent_run_id)) == 1
+    # The same sweep again (on a copy of its store) trains nothing; --force trains again.
+    copy = finished_sweep.copy_store(tmp_path / "copy")
+    again = run_sweep(finished_sweep.config(f"tracking.uri={copy}"), "it-again")
+    assert again.skipped == 4 and set(again.config_hashes) == hashes
+    assert _children(copy, again.parent_run_id) == []
+    assert MlflowClient(copy).get_run(again.parent_run_id).info.status == "FINISHED"
+    forced = run_sweep(finished_sweep.config(f"tracking.uri={copy}", "sweep.methods=[supervised]",
+                                             "sweep.label_fractions=[1.0]"), "it-forced", force=True)
+    assert forced.skipped == 0 and len(_children(copy, forced.parent_run_id)) == 1
 
 
 def test_trial_with_two_ddp_workers(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
