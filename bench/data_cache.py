@@ -9,7 +9,8 @@
    normalise), the first cached load (the same build plus writing the cache), the cached load
    (map the files and check their CRC-32).
 3. Memory of N real Ray Train workers (TorchTrainer, N x 0.5 CPU) on this node, each doing what
-   a trial does before its first step: `load_dataset`, `make_split`, `split_tensors` on CPU.
+   a trial does with its data: `load_dataset`, `make_split`, `split_tensors` on CPU, then a
+   read of every row of every split (as an epoch and an evaluation do: it maps their pages).
    Each reports, from /proc/self/smaps_rollup, RSS and PSS (proportional set size: a page
    mapped by k processes counts 1/k in each) before loading and after; the table sums them over
    the workers, with the cache off and on.
@@ -35,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rdc", dir="/tmp"))  # short socket paths
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray of its own, no tokens
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -94,12 +96,13 @@ def _smaps() -> dict[str, int]:
 
 
 def _worker_loop(config: dict) -> None:
-    """In each Train worker: what a trial does with its data before the first step, then this
-    process's memory, written to out/<rank>.json (Ray Train keeps rank 0's reports only)."""
+    """In each Train worker: what a trial does with its data (load, split, read every row), then
+    this process's memory, written to out/<rank>.json (Ray Train keeps rank 0's reports only)."""
     import json
 
     import ray.train
     import torch
+    import torch.distributed
 
     from semiseg.data.sampling import split_tensors
     from semiseg.data.splits import make_split
@@ -108,9 +111,18 @@ def _worker_loop(config: dict) -> None:
     data_cfg = DataConfig(**config["data"])
     data = load_dataset(data_cfg)
     tensors = split_tensors(data, make_split(data, data_cfg, seed=0), torch.device("cpu"))
+    parts = (tensors.labeled, tensors.unlabeled, tensors.val, tensors.test)
+    for part in parts:  # read every row once, as an epoch and an evaluation do (maps its pages)
+        part.images[:].sum()
+        if part.masks is not None:
+            part.masks[:].sum()
+    # Every worker measures once all have mapped their pages, and none exits (unmapping them)
+    # before all have measured: PSS splits a page among the processes mapping it *now*.
+    torch.distributed.barrier()
     after = _smaps()
+    torch.distributed.barrier()
     rank = ray.train.get_context().get_world_rank()
-    figures = {"images": len(tensors.labeled) + len(tensors.unlabeled) + len(tensors.val) + len(tensors.test),
+    figures = {"images": sum(map(len, parts)),
                **{f"before_{k}": v for k, v in before.items()}, **{f"after_{k}": v for k, v in after.items()}}
     (Path(config["out"]) / f"{rank}.json").write_text(json.dumps(figures))
 
@@ -172,13 +184,16 @@ def report(args: argparse.Namespace, times: dict[str, float], rows: dict) -> Non
         print(f"| {name} | {value:.2f} |")
     print(f"| **uncached build ÷ cached load** | **{times['uncached build'] / times['cached load']:.1f}×** |")
     print("\n| cache | workers | summed RSS GiB | summed PSS GiB | data RSS GiB | data PSS GiB | "
-          "PSS growth per added worker |\n|---|---|---|---|---|---|---|")
+          "PSS growth per added worker | data PSS growth per added worker |\n|---|---|---|---|---|---|---|---|")
     first = min(args.workers)
+
+    def growth(r: dict, base: dict, key: str, n: int) -> str:
+        return "-" if n == first else f"{(r[key] - base[key]) / (n - first) / base[key]:+.0%}"
+
     for (cache, n), r in rows.items():
         base = rows[(cache, first)]
-        growth = (r["pss"] - base["pss"]) / (n - first) / base["pss"] if n > first else float("nan")
         print(f"| {'on' if cache else 'off'} | {n} | {r['rss']:.2f} | {r['pss']:.2f} | {r['data_rss']:.2f} | "
-              f"{r['data_pss']:.2f} | {'-' if n == first else f'{growth:+.0%}'} |")
+              f"{r['data_pss']:.2f} | {growth(r, base, 'pss', n)} | {growth(r, base, 'data_pss', n)} |")
 
 
 if __name__ == "__main__":
