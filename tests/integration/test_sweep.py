@@ -59,7 +59,8 @@ def test_sweep_logs_parent_and_child_runs(finished_sweep, tmp_path: Path) -> Non
     assert _children(copy, again.parent_run_id) == []
     assert MlflowClient(copy).get_run(again.parent_run_id).info.status == "FINISHED"
     forced = run_sweep(finished_sweep.config(f"tracking.uri={copy}", "sweep.methods=[supervised]",
-                                             "sweep.label_fractions=[1.0]"), "it-forced", force=True)
+                                             "sweep.params={}", "sweep.label_fractions=[1.0]"),
+                       "it-forced", force=True)
     assert forced.skipped == 0 and len(_children(copy, forced.parent_run_id)) == 1
 
 
