@@ -1,6 +1,6 @@
 """Markdown for docs/RESULTS.md from an experiment's MLflow runs: test Dice at one label
 fraction (mean ± std over seeds), the share of the supervised → full-supervision gap each method
-closes, the paired difference with supervised-only (bootstrap 95 % CI over seeds × test images
+closes (over the seeds every one of the three finished), the paired difference with supervised-only (bootstrap 95 % CI over seeds × test images
 and a verdict, semiseg.paired), the final-epoch model's test Dice beside the val-selected one, and
 the last-epoch pseudo-label Dice/coverage. Each method is
 shown at its method.params selected on val.
@@ -32,7 +32,8 @@ def main() -> None:
     full_rows = trials[(trials.method == "supervised") & (trials.label_fraction == 1.0)]
     full = full_rows["dice"]
     low = trials[trials.label_fraction == args.fraction]
-    sup = low[low.method == "supervised"]["dice"].mean()
+    sup = low[low.method == "supervised"].set_index("seed")["dice"]
+    full_by_seed = full_rows.set_index("seed")["dice"]
     last = _last_pseudo(uri, args.experiment, args.fraction)
     paired = comparisons(low, per_image_results(uri, low)).set_index("method")
     print(f"| method | test Dice @ {args.fraction:g} (mean ± std, n) | per seed | gap closed | "
@@ -41,17 +42,28 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for method, group in low.groupby("method"):
         d = group.sort_values("seed")["dice"]
-        gap = (d.mean() - sup) / (full.mean() - sup)
+        gap = _gap_closed(group.set_index("seed")["dice"], sup, full_by_seed)
         pq = last.get(method)
         pq_text = f"{pq[0]:.3f} / {pq[1]:.2f}" if pq else "-"
         print(f"| {method} | {d.mean():.3f} ± {d.std():.3f} ({len(d)}) | "
-              f"{', '.join(f'{v:.3f}' for v in d)} | {gap:+.0%} | {_paired_cells(paired, method)} | "
+              f"{', '.join(f'{v:.3f}' for v in d)} | {gap} | {_paired_cells(paired, method)} | "
               f"{_final_epoch(group)} | {pq_text} |")
     print(f"| supervised, all labels | {full.mean():.3f} ± {full.std():.3f} ({len(full)}) | "
           f"{', '.join(f'{v:.3f}' for v in full)} | 100% | - | - | {_final_epoch(full_rows)} | - |")
     if len(paired):
         print(f"\nCI resampled over: {'; '.join(sorted(set(paired['resampled'])))}")
     _sam_table(uri, args.experiment, args.fraction)
+
+
+def _gap_closed(method: pd.Series, sup: pd.Series, full: pd.Series) -> str:
+    """(method - supervised) / (full - supervised) over the seeds all three finished (paired: a
+    seed that only some of them ran would tilt it), with the count where seeds are missing."""
+    seeds = method.index.intersection(sup.index).intersection(full.index)
+    if seeds.empty:
+        return "-"
+    gap = (method[seeds] - sup[seeds]).mean() / (full[seeds] - sup[seeds]).mean()
+    everyone = method.index.union(sup.index).union(full.index)
+    return f"{gap:+.0%}" + ("" if len(seeds) == len(everyone) else f" (seeds {', '.join(map(str, seeds))})")
 
 
 def _final_epoch(group: pd.DataFrame) -> str:
