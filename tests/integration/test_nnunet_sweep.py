@@ -1,6 +1,6 @@
-"""nnU-Net v2 and Decathlon fixture datasets (two channels, anisotropic cases) through a real `semiseg
-sweep`: local Ray, a Tune trial, MLflow, labels counted by case, and per-case 3D Dice that
-matches a count by hand on the test cases' volumes.
+"""nnU-Net v2 and Decathlon fixture datasets (two channels, anisotropic cases) through a real
+`semiseg sweep`: local Ray, a Tune trial, MLflow, labels counted by case, and per-case 3D Dice
+that matches a count by hand on the test cases' volumes.
 
 Both layouts the issue names, each through its own one-trial sweep: nnU-Net v2 and the
 Decathlon copy of the same cases (which also loads to the identical arrays,
