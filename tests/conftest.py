@@ -19,6 +19,16 @@ from semiseg.methods import METHODS, PseudoLabelStage, TrainStage
 from semiseg.models import create_model
 from semiseg.sam.store import PseudoLabelStore
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The integration tests share session fixtures (one local Ray, one Ray head, one finished
+    sweep) and are mostly waits on Ray's process starts, using about one core. Under pytest-xdist
+    (`-n 2 --dist loadgroup`, pyproject's addopts) they all run, in order, on one worker, while
+    the other worker runs the unit tests on the second core."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):

@@ -25,6 +25,9 @@ TINY = [
     "model.base_channels=4", "model.depth=2",
     "train.epochs=2", "train.steps_per_epoch=3", "tracking.overlays=2",
     "ray.cpus_per_worker=1", "ray.max_failures=0",
+    # The selected model's MLflow export (torch.export + save, ~4 s in a fresh worker) only where
+    # a test reads it: SHARED_SWEEP, test_mlflow_server, test_nnunet_sweep, test_sam_chain.
+    "tracking.log_model=false",
 ]
 
 
@@ -41,11 +44,12 @@ def ray_local():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])
-    from semiseg.distributed.cluster import _loopback_only
+    from semiseg.distributed.cluster import LOCAL_RAY_ENV, _loopback_only, runtime_env
 
-    with _loopback_only():  # like semiseg's own local Ray: listeners on 127.0.0.1 only
+    with _loopback_only():  # like semiseg's own local Ray: listeners on 127.0.0.1 only, and
+        # its worker environment (no preemption watcher: one actor process less per fit)
         ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
+                 runtime_env=runtime_env(LOCAL_RAY_ENV), configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -171,11 +175,14 @@ def sqlite_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+
+
 def _config_maker(root: Path, uri: str):
     from semiseg.config import load_config
 
     def make(*extra: str):
-        return load_config(REPO / "experiments" / "quickstart.yaml",
+        return load_config(QUICKSTART,
                            [*TINY, f"tracking.uri={uri}", f"ray.storage_path={root / 'ray'}", *extra])
 
     return make
@@ -193,7 +200,8 @@ def tiny_config(tmp_path: Path, sqlite_uri: str):
 SHARED_SWEEP = ("sweep.methods=[supervised,pseudo_label]", "sweep.label_fractions=[0.1,1.0]",
                 "sweep.params={pseudo_label.threshold: [0.5]}", "model.base_channels=8",
                 "train.steps_per_epoch=12", "ray.use_gpu=true", "ray.gpus_per_worker=0.5",
-                "ray.cpus_per_worker=0.5", "ray.backend=gloo")
+                "ray.cpus_per_worker=0.5", "ray.backend=gloo",
+                "tracking.log_model=true")  # test_dashboard's gallery and test_mlflow_ui read the models
 
 
 @dataclass
@@ -202,9 +210,16 @@ class FinishedSweep:
     root: Path
     name: str
 
+    def overrides(self, *extra: str) -> list[str]:
+        """The sweep's overrides of experiments/quickstart.yaml (with extra ones), on its store and
+        Ray storage, as a command line gives them."""
+        return [*TINY, f"tracking.uri={self.outcome.uri}", f"ray.storage_path={self.root / 'ray'}",
+                *SHARED_SWEEP, *extra]
+
     def config(self, *extra: str):
-        """The sweep's config (with extra overrides) on its store and Ray storage."""
-        return _config_maker(self.root, self.outcome.uri)(*SHARED_SWEEP, *extra)
+        from semiseg.config import load_config
+
+        return load_config(QUICKSTART, self.overrides(*extra))
 
     def copy_store(self, to: Path) -> str:
         """A copy of the sweep's store, for a test that adds runs (the others read the original)."""

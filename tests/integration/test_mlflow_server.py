@@ -46,7 +46,8 @@ def _get(url: str, path: str) -> dict:
 def test_sweep_logs_to_remote_tracking_server(ray_local, mlflow_server: str, tiny_config,
                                               monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = tiny_config("sweep.label_fractions=[0.5]", "tracking.uri=", "tracking.system_metrics=true")
+    cfg = tiny_config("sweep.label_fractions=[0.5]", "tracking.uri=", "tracking.system_metrics=true",
+                      "tracking.log_model=true")
     outcome = run_sweep(cfg, "remote")
     assert outcome.uri == mlflow_server
     exp = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=quickstart")

@@ -37,7 +37,8 @@ def test_nnunet_dataset_through_a_sweep(ray_local, tmp_path: Path, tiny_config, 
     cfg = tiny_config("data.name=nnunet", f"data.root={root}", "data.image_size=16",
                       "data.labeled_cases=2",
                       "sweep.label_fractions=[0.5]", "train.epochs=1", "train.steps_per_epoch=2",
-                      "tracking.overlays=1")  # the logged model's example is (2, 2, 16, 16)
+                      "tracking.overlays=1",
+                      "tracking.log_model=true")  # the logged model's example is (2, 2, 16, 16)
     outcome = run_sweep(cfg, f"it-{variant}")
     client = MlflowClient(outcome.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],

@@ -1,6 +1,10 @@
 """Resumable sweeps: after the driver is killed partway, a rerun trains only the trials not yet
 FINISHED with the same config hash (a completed sweep rerun is in test_sweep.py), and ends as
-KILLED the runs the dead driver left RUNNING (its heartbeat stopped)."""
+KILLED the runs the dead driver left RUNNING (its heartbeat stopped).
+
+Both drivers are `semiseg sweep` as a user runs it against a real Ray head started with
+`ray start --head` (conftest.ray_head), joined through `ray.address`, with the default store;
+`semiseg report` then reads that store."""
 
 from __future__ import annotations
 
@@ -32,9 +36,11 @@ def _finished_by_hash(uri: str, experiment: str) -> collections.Counter:
     return collections.Counter(r.data.tags[tracking.CONFIG_HASH_TAG] for r in runs)
 
 
-def _sweep_cmd(tiny_overrides: list[str], uri: str, tmp: Path, address: str) -> list[str]:
+def _sweep_cmd(tiny_overrides: list[str], tmp: Path, address: str) -> list[str]:
+    """No tracking.uri: the default store, an absolute sqlite file under the working directory's
+    mlruns/ (which is conftest.sqlite_uri's file when run in tmp_path)."""
     return [sys.executable, "-m", "semiseg.cli", "sweep", str(REPO / "experiments" / "quickstart.yaml"),
-            *tiny_overrides, f"tracking.uri={uri}", f"ray.storage_path={tmp / 'ray'}",
+            *tiny_overrides, f"ray.storage_path={tmp / 'ray'}",
             f"ray.address={address}", "ray.max_concurrent_trials=1", "sweep.label_fractions=[0.2,1.0]"]
 
 
@@ -55,7 +61,7 @@ def test_killed_driver_rerun_completes_only_missing_trials(ray_head, tmp_path: P
     env.pop("RAY_ADDRESS", None)
     # Both drivers join the session's Ray head (no Ray start of their own); the killed one's
     # trial dies with it, as Ray ends a dead driver's actors.
-    cmd = _sweep_cmd(tiny_overrides, sqlite_uri, tmp_path, ray_head.gcs_address)
+    cmd = _sweep_cmd(tiny_overrides, tmp_path, ray_head.gcs_address)
     log = tmp_path / "driver.out"
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("w"),
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -69,6 +75,7 @@ def test_killed_driver_rerun_completes_only_missing_trials(ray_head, tmp_path: P
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the default store
     done_before = _finished_by_hash(sqlite_uri, "quickstart")
     assert sum(done_before.values()) == 1  # killed while the second trial ran
     printed = log.read_text()
@@ -86,6 +93,7 @@ def test_killed_driver_rerun_completes_only_missing_trials(ray_head, tmp_path: P
     done_after = _finished_by_hash(sqlite_uri, "quickstart")
     assert len(done_after) == 2 and set(done_after.values()) == {1}  # each trial exactly once
     assert "(n=1)" in rerun.stdout  # the summary covers both, the skipped one included
+    assert "test Dice" in rerun.stdout and re.search(r"\d done, 0 running, 0 pending", rerun.stdout)
     # The rerun ended what the dead driver left RUNNING, as KILLED, saying why; nothing is left.
     assert rerun.stdout.count("ended stale") == 2, rerun.stdout[-3000:]
     runs = {r.info.run_id: r for r in _runs(sqlite_uri, "quickstart")}
@@ -96,3 +104,10 @@ def test_killed_driver_rerun_completes_only_missing_trials(ray_head, tmp_path: P
         assert run.data.tags[tracking.CLOSED_BY_TAG] == "semiseg sweep"
     reasons = sorted(runs[r].data.tags[tracking.END_REASON_TAG] for r in left)
     assert "no heartbeat" in " ".join(reasons) and "is no longer running" in " ".join(reasons)
+
+    # `semiseg report` on the default store: both label fractions, one seed each.
+    report = subprocess.run([sys.executable, "-m", "semiseg.cli", "report", "quickstart"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    row = next(line for line in report.stdout.splitlines() if line.startswith("supervised"))
+    assert row.count("(n=1)") == 2, report.stdout

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 def test_sam_refined_chain_is_one_tracked_trial(ray_local, tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config("method.name=sam_refined", "data.label_fraction=0.2",
-                      "sam.model_type=tiny", "sam.batch_size=4", "sam.cpus_per_actor=0.25", "train.epochs=1")
+                      "sam.model_type=tiny", "sam.batch_size=4", "sam.cpus_per_actor=0.25", "train.epochs=1",
+                      "tracking.log_model=true")  # its model is read back below
     uri = tracking.resolve_uri(cfg.tracking.uri)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = tracking.start_run(uri, experiment_id, "it-sam", "sweep")

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from semiseg import tracking
+from semiseg import cli, tracking
 from semiseg.distributed.tune import run_sweep
 
 pytestmark = pytest.mark.integration
+QUICKSTART = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
 
 
 def _children(uri: str, parent: str) -> list:
@@ -20,7 +21,7 @@ def _children(uri: str, parent: str) -> list:
     return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
-def test_sweep_logs_parent_and_child_runs(finished_sweep, tmp_path: Path) -> None:
+def test_sweep_logs_parent_and_child_runs(finished_sweep, tmp_path: Path, capsys) -> None:
     """The session's sweep (conftest.SHARED_SWEEP): four trials on 0.5 of the one logical GPU."""
     uri, parent = finished_sweep.outcome.uri, finished_sweep.outcome.parent_run_id
     client = MlflowClient(uri)
@@ -52,16 +53,25 @@ def test_sweep_logs_parent_and_child_runs(finished_sweep, tmp_path: Path) -> Non
     hashes = {c.data.tags[tracking.CONFIG_HASH_TAG] for c in children}
     assert len(hashes) == 4  # method and label fraction are part of a run's identity
 
-    # The same sweep again (on a copy of its store) trains nothing; --force trains again.
+    # The same sweep again (on a copy of its store) trains nothing.
     copy = finished_sweep.copy_store(tmp_path / "copy")
     again = run_sweep(finished_sweep.config(f"tracking.uri={copy}"), "it-again")
     assert again.skipped == 4 and set(again.config_hashes) == hashes
     assert _children(copy, again.parent_run_id) == []
     assert MlflowClient(copy).get_run(again.parent_run_id).info.status == "FINISHED"
-    forced = run_sweep(finished_sweep.config(f"tracking.uri={copy}", "sweep.methods=[supervised]",
-                                             "sweep.params={}", "sweep.label_fractions=[1.0]"),
-                       "it-forced", force=True)
-    assert forced.skipped == 0 and len(_children(copy, forced.parent_run_id)) == 1
+
+    # `semiseg train` always trains (it is a forced one-trial sweep), here a config that already
+    # finished in that store: the sweep's supervised trial at 1.0.
+    done = next(c for c in children if c.data.params["method.name"] == "supervised"
+                and c.data.params["data.label_fraction"] == "1.0")
+    assert cli.main(["train", str(QUICKSTART), *finished_sweep.overrides(f"tracking.uri={copy}"),
+                     "data.label_fraction=1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 to run" in printed and "test dice_mean" in printed, printed[-2000:]
+    runs = MlflowClient(copy).search_runs(
+        [MlflowClient(copy).get_experiment_by_name("quickstart").experiment_id],
+        f"tags.`{tracking.CONFIG_HASH_TAG}` = '{done.data.tags[tracking.CONFIG_HASH_TAG]}'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # trained again
 
 
 def test_trial_with_two_ddp_workers(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
