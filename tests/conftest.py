@@ -19,22 +19,6 @@ from semiseg.methods import METHODS, PseudoLabelStage, TrainStage
 from semiseg.models import create_model
 from semiseg.sam.store import PseudoLabelStore
 
-@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist, never called
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under pytest-xdist (pyproject's addopts, `-n 2`) every test under tests/integration/ is one
-    work unit, run in order on one worker: they share session fixtures (one local Ray, one Ray
-    head, one finished sweep) and mostly wait on Ray's process starts, using about one core.
-    The other worker takes the unit tests, one at a time, on the second core. (xdist's own
-    `--dist loadgroup` would do this from marks, but does not group under pytest 9.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class IntegrationTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "integration" if nodeid.startswith("tests/integration/") else nodeid
-
-    return IntegrationTogether(config, log)
-
-
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):

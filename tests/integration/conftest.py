@@ -1,7 +1,4 @@
-"""Fixtures for integration tests: one real local Ray per session, real MLflow SQLite stores.
-
-Under pytest-xdist all of them run in order on one worker (tests/conftest.py,
-pytest_xdist_make_scheduler), so these session fixtures exist once."""
+"""Fixtures for integration tests: one real local Ray per session, real MLflow SQLite stores."""
 
 from __future__ import annotations
 
