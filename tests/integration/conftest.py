@@ -13,7 +13,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -178,12 +178,16 @@ def sqlite_uri(tmp_path: Path) -> str:
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 
 
+def _overrides(root: Path, uri: str, *extra: str) -> list[str]:
+    """TINY on the store `uri` and Ray storage under `root`, then `extra`: a command line's overrides."""
+    return [*TINY, f"tracking.uri={uri}", f"ray.storage_path={root / 'ray'}", *extra]
+
+
 def _config_maker(root: Path, uri: str):
     from semiseg.config import load_config
 
     def make(*extra: str):
-        return load_config(QUICKSTART,
-                           [*TINY, f"tracking.uri={uri}", f"ray.storage_path={root / 'ray'}", *extra])
+        return load_config(QUICKSTART, _overrides(root, uri, *extra))
 
     return make
 
@@ -210,16 +214,16 @@ class FinishedSweep:
     root: Path
     name: str
 
+    config_file: ClassVar[Path] = QUICKSTART
+
     def overrides(self, *extra: str) -> list[str]:
-        """The sweep's overrides of experiments/quickstart.yaml (with extra ones), on its store and
-        Ray storage, as a command line gives them."""
-        return [*TINY, f"tracking.uri={self.outcome.uri}", f"ray.storage_path={self.root / 'ray'}",
-                *SHARED_SWEEP, *extra]
+        """The sweep's overrides of config_file (with extra ones), on its store and Ray storage,
+        as a command line gives them."""
+        return _overrides(self.root, self.outcome.uri, *SHARED_SWEEP, *extra)
 
     def config(self, *extra: str):
-        from semiseg.config import load_config
-
-        return load_config(QUICKSTART, self.overrides(*extra))
+        """The sweep's config (with extra overrides) on its store and Ray storage."""
+        return _config_maker(self.root, self.outcome.uri)(*SHARED_SWEEP, *extra)
 
     def copy_store(self, to: Path) -> str:
         """A copy of the sweep's store, for a test that adds runs (the others read the original)."""

@@ -12,7 +12,6 @@ from semiseg import cli, tracking
 from semiseg.distributed.tune import run_sweep
 
 pytestmark = pytest.mark.integration
-QUICKSTART = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
 
 
 def _children(uri: str, parent: str) -> list:
@@ -64,12 +63,13 @@ def test_sweep_logs_parent_and_child_runs(finished_sweep, tmp_path: Path, capsys
     # finished in that store: the sweep's supervised trial at 1.0.
     done = next(c for c in children if c.data.params["method.name"] == "supervised"
                 and c.data.params["data.label_fraction"] == "1.0")
-    assert cli.main(["train", str(QUICKSTART), *finished_sweep.overrides(f"tracking.uri={copy}"),
+    assert cli.main(["train", str(finished_sweep.config_file), *finished_sweep.overrides(f"tracking.uri={copy}"),
                      "data.label_fraction=1.0"]) == 0
     printed = capsys.readouterr().out
     assert "1 to run" in printed and "test dice_mean" in printed, printed[-2000:]
-    runs = MlflowClient(copy).search_runs(
-        [MlflowClient(copy).get_experiment_by_name("quickstart").experiment_id],
+    copy_client = MlflowClient(copy)
+    runs = copy_client.search_runs(
+        [copy_client.get_experiment_by_name("quickstart").experiment_id],
         f"tags.`{tracking.CONFIG_HASH_TAG}` = '{done.data.tags[tracking.CONFIG_HASH_TAG]}'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # trained again
 
