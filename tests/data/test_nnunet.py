@@ -62,11 +62,19 @@ def test_v2_channels_slices_and_case_groups(tmp_path, nnunet_dataset) -> None:
 
 
 def test_msd_layout_reads_the_same_cases(tmp_path, nnunet_dataset) -> None:
-    v2 = _load(nnunet_dataset(tmp_path / "v2"), 16)
-    msd = _load(nnunet_dataset(tmp_path / "msd", "msd"), 16)  # 4D files and "._" forks
+    """Everything a sweep's trial reads from the loader is identical for the Decathlon copy, so
+    only the v2 layout runs through a sweep (tests/integration/test_nnunet_sweep.py, whose
+    cases=6 and image_size=16 are used here)."""
+    v2 = _load(nnunet_dataset(tmp_path / "v2", cases=6), 16)
+    msd = _load(nnunet_dataset(tmp_path / "msd", "msd", cases=6), 16)  # 4D files and "._" forks
     assert np.array_equal(v2.images, msd.images) and np.array_equal(v2.masks, msd.masks)
     assert (v2.ids, v2.groups, v2.classes, v2.channel_names) == \
         (msd.ids, msd.groups, msd.classes, msd.channel_names)
+    # the sweep's checks: 2 input channels, case label budget, per-case 3D Dice's slice origins
+    assert msd.in_channels == v2.in_channels == 2 and msd.num_classes == v2.num_classes == 3
+    assert msd.label_unit == v2.label_unit == "case"
+    assert msd.volumes is not None and msd.volumes == v2.volumes
+    assert sorted(set(msd.volumes.volume)) == [f"case{i:02d}" for i in range(6)]
 
 
 def test_slices_across_the_coarsest_axis_in_square_mm_pixels(tmp_path, nnunet_dataset) -> None:

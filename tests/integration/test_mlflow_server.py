@@ -1,6 +1,10 @@
 """A sweep against a real shared `mlflow server` on 127.0.0.1 (SQLite backend, local artifact
 destination, one worker), checked through the server's REST API, down to what the UI's runs
-table shows (Dataset, Source, Model); and a clear, fast error when the server is down."""
+table shows (Dataset, Source, Model); and a clear, fast error when the server is down.
+
+Its one trial trains on two DDP workers, so the same fit checks DistributedDataParallel (it
+was a sweep of its own in test_sweep.py: one TorchTrainer fit, 20-25 s of fixed start-up, fewer)
+and that rank 0 alone logs a complete run, model included, to a remote server."""
 
 from __future__ import annotations
 
@@ -43,11 +47,12 @@ def _get(url: str, path: str) -> dict:
     return json.load(urllib.request.urlopen(url + path, timeout=10))
 
 
-def test_sweep_logs_to_remote_tracking_server(ray_local, mlflow_server: str, tiny_config,
-                                              monkeypatch) -> None:
+def test_ddp_sweep_logs_to_remote_tracking_server(ray_local, mlflow_server: str, tiny_config,
+                                                  monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     cfg = tiny_config("sweep.label_fractions=[0.5]", "tracking.uri=", "tracking.system_metrics=true",
-                      "tracking.log_model=true")
+                      "tracking.log_model=true", "ray.num_workers=2", "sweep.methods=[mean_teacher]",
+                      "ray.max_concurrent_trials=1")
     outcome = run_sweep(cfg, "remote")
     assert outcome.uri == mlflow_server
     exp = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=quickstart")
@@ -59,6 +64,9 @@ def test_sweep_logs_to_remote_tracking_server(ray_local, mlflow_server: str, tin
     assert set(by_role) == {"sweep", "trial"}
     trial = by_role["trial"]
     assert trial["info"]["status"] == "FINISHED"
+    trial_tags = {t["key"]: t["value"] for t in trial["data"]["tags"]}
+    assert trial_tags["ray.world_size"] == "2"  # a trial with two DDP workers
+    assert trial_tags["model.wrapper"] == "DistributedDataParallel"
     metrics = {m["key"] for m in trial["data"]["metrics"]}
     assert {"test/dice_mean", "val/dice_mean", "test/dice/heart"} <= metrics
     assert "system/cpu_utilization_percentage" in metrics  # tracking.system_metrics

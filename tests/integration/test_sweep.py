@@ -74,15 +74,7 @@ def test_sweep_logs_parent_and_child_runs(finished_sweep, tmp_path: Path, capsys
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # trained again
 
 
-def test_trial_with_two_ddp_workers(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
-    cfg = tiny_config("sweep.label_fractions=[0.5]", "ray.num_workers=2", "sweep.methods=[mean_teacher]",
-                      "ray.max_concurrent_trials=1")
-    outcome = run_sweep(cfg, "it-ddp")
-    uri, parent = outcome.uri, outcome.parent_run_id
-    (run,) = _children(uri, parent)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["ray.world_size"] == "2"
-    assert run.data.tags["model.wrapper"] == "DistributedDataParallel"
+# A trial with two DDP workers: test_mlflow_server.py's sweep (its one trial runs DDP).
 
 
 def test_failed_trial_ends_failed_not_running(ray_local, tmp_path: Path, sqlite_uri: str, tiny_config) -> None:
