@@ -63,7 +63,7 @@ def test_v2_channels_slices_and_case_groups(tmp_path, nnunet_dataset) -> None:
 
 def test_msd_layout_reads_the_same_cases(tmp_path, nnunet_dataset) -> None:
     """Everything a sweep's trial reads from the loader is identical for the Decathlon copy, so
-    only the v2 layout runs through a sweep (tests/integration/test_nnunet_sweep.py, whose
+    only the v2 layout runs through a sweep (tests/integration/test_ray_job.py's job, whose
     cases=6 and image_size=16 are used here)."""
     v2 = _load(nnunet_dataset(tmp_path / "v2", cases=6), 16)
     msd = _load(nnunet_dataset(tmp_path / "msd", "msd", cases=6), 16)  # 4D files and "._" forks

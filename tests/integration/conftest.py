@@ -26,7 +26,7 @@ TINY = [
     "train.epochs=2", "train.steps_per_epoch=3", "tracking.overlays=2",
     "ray.cpus_per_worker=1", "ray.max_failures=0",
     # The selected model's MLflow export (torch.export + save, ~4 s in a fresh worker) only where
-    # a test reads it: SHARED_SWEEP, test_mlflow_server, test_nnunet_sweep, test_sam_chain.
+    # a test reads it: SHARED_SWEEP, test_mlflow_server, test_ray_job (the nnU-Net sweep), test_sam_chain.
     "tracking.log_model=false",
 ]
 
