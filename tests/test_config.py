@@ -335,3 +335,16 @@ def test_options_added_later_keep_earlier_hashes_at_their_earlier_behaviour() ->
     nifti = [*base, "data.name=nifti"]
     assert "label_unit" in load_config(None, nifti).identity()["data"]
     assert "label_unit" not in load_config(None, [*nifti, "data.label_unit=image"]).identity()["data"]
+    # train.strong_blur_p at the blur every recorded trial used keeps its hash; off is a new model.
+    from semiseg.data.transforms import BLUR_P
+
+    at_default = load_config(REPO / "experiments" / "results_synthetic.yaml", [*base, f"train.strong_blur_p={BLUR_P}"])
+    assert at_default.config_hash() == cfg.config_hash()
+    off = load_config(REPO / "experiments" / "results_synthetic.yaml", [*base, "train.strong_blur_p=0"])
+    assert off.config_hash() != cfg.config_hash() and off.identity()["train"]["strong_blur_p"] == 0
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_strong_blur_p_outside_a_probability_names_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"train\.strong_blur_p.*expected a probability"):
+        load_config(None, [f"train.strong_blur_p={value}"])

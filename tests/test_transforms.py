@@ -152,6 +152,22 @@ def test_strong_photometric_same_seed_same_output() -> None:
     assert not torch.equal(strong_photometric(image, gen(5)), strong_photometric(image, gen(6)))
 
 
+def test_blur_p_zero_never_blurs_and_keeps_the_other_draws() -> None:
+    """blur_p=0 (train.strong_blur_p, the ablation) is the same view minus blur: one pixel of
+    tissue stays one pixel, and blur_p=1 blurs every image (its energy spreads)."""
+    image = torch.zeros(16, 1, 12, 12)
+    image[:, 0, 6, 6] = 1.0
+    sharp = strong_photometric(image, gen(0), blur_p=0.0)
+    assert (sharp[:, 0] != 0).sum(dim=(1, 2)).eq(1).all()
+    blurred = strong_photometric(image, gen(0), blur_p=1.0)
+    assert (blurred[:, 0] > 0).sum(dim=(1, 2)).gt(1).all()
+    default = strong_photometric(image, gen(0))
+    # Images the default leaves sharp are exactly the blur-off view: same gain and gamma draws.
+    kept = (default[:, 0] != 0).sum(dim=(1, 2)).eq(1)
+    assert 0 < kept.sum() < len(image)
+    assert torch.equal(default[kept], sharp[kept])
+
+
 def two_tissue_images(n: int = 64, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image z-scored images (as SegData holds them) of a constant black background with two
     rectangles of tissue, raw levels 0.6 (label 1, left half) and 0.9 (label 2, right half),

@@ -71,6 +71,9 @@ class TrainConfig:
     """Seed of the labeled subset, the initial weights and the augmentations."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device when run outside Ray; inside Ray Train the worker's device is used."""
+    strong_blur_p: float = 0.5
+    """Probability of a Gaussian blur in each strong view (semiseg.data.transforms.BLUR_P); 0
+    turns blur off, the mni-tissue ablation of docs/RESULTS.md."""
     channels_last: bool = False
     """Model weights and batches in channels-last (NHWC) memory format, the layout of cuDNN's
     fastest convolutions. Off until measured (docs/BENCHMARKS.md, P6)."""
@@ -94,6 +97,9 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: expected 0 or more")
         _check_seed("train.seed", self.seed)
+        if not 0.0 <= self.strong_blur_p <= 1.0:
+            raise ConfigError(f"train.strong_blur_p={self.strong_blur_p}: expected a probability "
+                              "in [0, 1]")
         if not self.compile_backend.strip():
             raise ConfigError("train.compile_backend='': expected a torch.compile backend name "
                               "such as inductor")
@@ -224,8 +230,8 @@ class Config:
         d = self.to_dict()
         identity = {k: d[k] for k in ("data", "model", "method", "train")}
         identity["data"] = self.data.identity()  # new fields at their old behaviour left out
-        for key in _options_at_earlier_behaviour(self):
-            identity["data"].pop(key, None)
+        for section, key in _options_at_earlier_behaviour(self):
+            identity[section].pop(key, None)
         from semiseg.methods import METHODS  # here: the registry imports torch code
 
         for section in METHODS.get(self.method.name).identity_sections:  # e.g. sam_refined: "sam"
@@ -328,14 +334,16 @@ def _check_methods(cfg: Config) -> None:
 CASE_UNIT_DATASETS = frozenset({"nifti", "nnunet"})
 
 
-def _options_at_earlier_behaviour(cfg: "Config") -> list[str]:
-    """data keys added after results were recorded, at a value that trains exactly what the
-    code before them trained: left out of the identity, so adding an option keeps every
-    finished trial's hash and a resumed sweep still skips it."""
+def _options_at_earlier_behaviour(cfg: "Config") -> list[tuple[str, str]]:
+    """(section, key) of options added after results were recorded, at a value that trains
+    exactly what the code before them trained: left out of the identity, so adding an option
+    keeps every finished trial's hash and a resumed sweep still skips it."""
     keys = []
     if cfg.data.labeled_cases == 0:
-        keys.append("labeled_cases")
+        keys.append(("data", "labeled_cases"))
     unit = cfg.data.label_unit
     if unit == "image" or (unit == "auto" and cfg.data.name not in CASE_UNIT_DATASETS):
-        keys.append("label_unit")
+        keys.append(("data", "label_unit"))
+    if cfg.train.strong_blur_p == 0.5:  # transforms.BLUR_P, the only blur before the option
+        keys.append(("train", "strong_blur_p"))
     return keys

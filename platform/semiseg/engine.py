@@ -78,7 +78,7 @@ def build_trainer(cfg: Config, data: SegData, split: Split, device: torch.device
     speed = SpeedSettings(t.channels_last, t.compile, t.compile_backend, t.cuda_graphs)
     check_speed(speed, device)  # before any work: e.g. train.cuda_graphs on a CPU worker
     loop = LoopSettings(t.epochs, t.steps_per_epoch, t.grad_clip, t.amp, cfg.tracking.overlays,
-                        cfg.config_hash(), rank, speed)
+                        cfg.config_hash(), rank, t.strong_blur_p, speed)
     model, method, ambient = _seeded_model_and_method(cfg, data.num_classes, device, wrap_model,
                                                       loop.total_steps, data.in_channels)
     tensors = split_tensors(data, split, device)
@@ -113,6 +113,7 @@ def _seeded_model_and_method(cfg: Config, num_classes: int, device: torch.device
         method = METHODS.get(cfg.method.name)(
             model, method_config(cfg.method.name, cfg.method.params), num_classes,
             total_steps=total_steps)
+        method.strong_blur_p = cfg.train.strong_blur_p  # for views a method draws itself
         ambient = [torch.get_rng_state()]
     if device.type == "cuda":
         ambient.append(torch.Generator(device).manual_seed(cfg.train.seed).get_state())

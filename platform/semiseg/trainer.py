@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from semiseg.checkpoint_io import CHECKPOINT_FILE, read_weights_only
 from semiseg.data.sampling import RandomBatches, SplitTensors, Subset
-from semiseg.data.transforms import strong_photometric, weak_geometric
+from semiseg.data.transforms import BLUR_P, strong_photometric, weak_geometric
 from semiseg.errors import SemisegError
 from semiseg.methods.base import Batch, Method, StepOutput
 from semiseg.methods.common import unwrap
@@ -48,6 +48,8 @@ class LoopSettings:
     """Written into every checkpoint; `load` refuses a checkpoint that holds another."""
     rank: int = 0
     """This process's DDP rank: only rank 0 writes checkpoints."""
+    strong_blur_p: float = BLUR_P
+    """Probability of the blur in each strong view (train.strong_blur_p)."""
     speed: SpeedSettings = SpeedSettings()
     """channels_last / compile / cuda_graphs (semiseg.speed); the Trainer compiles the networks
     and the step itself, while channels-last weights are set where the model is built."""
@@ -190,7 +192,7 @@ class Trainer:
         pick = self.streams.labeled.next()
         part, gen = self.tensors.labeled, self.streams.augment
         image, mask, _ = weak_geometric(part.images[pick], part.masks[pick], gen)
-        strong = strong_photometric(image, self.streams.strong)
+        strong = strong_photometric(image, self.streams.strong, self.loop.strong_blur_p)
         return Batch(self._layout(image), self._layout(strong), mask, part.index[pick])
 
     def _unlabeled_batch(self) -> tuple[Batch, Tensor | None]:
@@ -205,7 +207,7 @@ class Trainer:
             extra=None if hidden is None else hidden[pick],
         )
         fixed_warped = None if fixed_warped is None else fixed_warped - 1
-        strong = strong_photometric(image, self.streams.strong)
+        strong = strong_photometric(image, self.streams.strong, self.loop.strong_blur_p)
         batch = Batch(self._layout(image), self._layout(strong), None, part.index[pick], fixed_warped)
         return batch, hidden_warped
 

@@ -79,13 +79,14 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return flat.reshape(n, c, h, w)
 
 
-def strong_photometric(image: Tensor, gen: torch.Generator) -> Tensor:
+def strong_photometric(image: Tensor, gen: torch.Generator, blur_p: float = BLUR_P) -> Tensor:
     """A label-safe strong view: gain and gamma in a per-image [0, 1] space, then blur; geometry
     untouched.
 
     Each image is min-max scaled to [0, 1], jittered there (with probability JITTER_P) by a
     gain (multiplicative brightness, which in one grey channel is also a contrast stretch about
-    the background) and a gamma, optionally blurred (BLUR_P), and mapped back with the same
+    the background) and a gamma, blurred with probability `blur_p` (train.strong_blur_p,
+    default BLUR_P; the draws are the same whatever it is), and mapped back with the same
     min and max. Gain and gamma fix 0 and are strictly increasing, so the darkest level (the
     constant background of MR, CT and most phantoms) stays exactly where it was, and the order
     of tissue intensities is kept; blur keeps a constant background exactly away from its edges
@@ -102,7 +103,7 @@ def strong_photometric(image: Tensor, gen: torch.Generator) -> Tensor:
     gamma = torch.exp((2 * u[:, 2] - 1) * math.log(GAMMA_MAX))
     jittered = gain[:, None, None, None] * x ** gamma[:, None, None, None]
     x = torch.where(jitter, jittered, x)
-    blur = (u[:, 3] < BLUR_P)[:, None, None, None]
+    blur = (u[:, 3] < blur_p)[:, None, None, None]
     sigma = BLUR_SIGMA[0] + u[:, 4] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
     x = torch.where(blur, gaussian_blur(x, sigma), x)
     return torch.where(flat, image, lo + x * span)

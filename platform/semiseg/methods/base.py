@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from semiseg.data.transforms import BLUR_P
 from semiseg.methods.stages import Stage, TrainStage
 
 
@@ -72,6 +73,9 @@ class Method(ABC):
     """Which network `eval_model()` returns: "student" (the trained model) or e.g. "teacher"."""
     identity_sections: ClassVar[tuple[str, ...]] = ()
     """Config sections (e.g. "sam") that shape this method's model and so its run identity."""
+    strong_blur_p: float = BLUR_P
+    """Blur probability of any strong view the method draws itself (unimatch's second view);
+    the engine sets it from train.strong_blur_p, as it does for the views in each Batch."""
 
     def __init__(self, model: nn.Module, cfg: Any, num_classes: int,
                  total_steps: int = 1000) -> None:

@@ -140,7 +140,7 @@ class UniMatch(Method):
         used = conf >= self.cfg.threshold
 
         n, _, height, width = image.shape
-        views = (unlabeled.strong, strong_photometric(image, self.generator))
+        views = (unlabeled.strong, strong_photometric(image, self.generator, self.strong_blur_p))
         boxes = tuple(cutmix_box(n, height, width, self.generator, p=self.cfg.cutmix_p,
                                  device=image.device) for _ in views)
         # Inside the box: the partner's strong view, and its weak-view labels and confidences,
